@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="socksident",
+    version="0.1.0",
+    description="A SOCKS4 and SOCKS4A proxy server for Twisted with RFC 1413 IDENT verification",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["socksident", "twisted.plugins"],
+    package_data={"socksident": ["py.typed"], "twisted": ["plugins/socksident_plugin.py"]},
+    install_requires=["twisted>=23.10", "pyopenssl", "service_identity"],
+    extras_require={
+        "test": ["pytest", "pytest-twisted", "pysocks", "python-socks"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: Proxy Servers",
+    ],
+)

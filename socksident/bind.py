@@ -1,0 +1,88 @@
+"""BIND's listening socket: open it, take exactly one connection, close it.
+
+A BIND listener that outlives its client is a port left open on the proxy
+for anyone to reach, so `OneShotListener.close` is idempotent and the
+server calls it on every path: success, refusal, time limit, client gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP
+from twisted.internet.protocol import Factory
+
+from socksident.relay import RemoteProtocol
+
+
+class NoFreePort(Exception):
+    """Every port the BIND range allows is taken."""
+
+
+class _InboundProtocol(RemoteProtocol):
+    def __init__(self, ready: "Deferred[RemoteProtocol]") -> None:
+        super().__init__()
+        self._ready = ready
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not self._ready.called:
+            self._ready.callback(self)
+        else:
+            self.transport.abortConnection()
+
+
+class _AcceptOne(Factory):
+    """Builds a protocol for the first connection only; later ones are refused."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.accepted: "Deferred[RemoteProtocol]" = Deferred()
+        self._taken = False
+
+    def buildProtocol(self, addr: IAddress) -> Optional[RemoteProtocol]:
+        if self._taken:
+            return None
+        self._taken = True
+        return _InboundProtocol(self.accepted)
+
+
+class OneShotListener:
+    """A listening port that hands over its first connection and then closes."""
+
+    def __init__(self, port: IListeningPort, factory: _AcceptOne) -> None:
+        self._port: Optional[IListeningPort] = port
+        self._factory = factory
+        self.address = port.getHost()
+
+    @property
+    def accepted(self) -> "Deferred[RemoteProtocol]":
+        return self._factory.accepted
+
+    def close(self) -> None:
+        if self._port is not None:
+            port, self._port = self._port, None
+            port.stopListening()
+
+    @property
+    def closed(self) -> bool:
+        return self._port is None
+
+
+def listen_once(
+    reactor: IReactorTCP, host: str, ports: Iterable[int]
+) -> OneShotListener:
+    """Listen on `host` on the first port of `ports` that is free."""
+    factory = _AcceptOne()
+    last_error: Any = None
+    for number in ports:
+        try:
+            port = reactor.listenTCP(number, factory, backlog=1, interface=host)
+        except CannotListenError as error:
+            last_error = error
+            continue
+        return OneShotListener(port, factory)
+    raise NoFreePort(f"no free port to listen on at {host}: {last_error}")

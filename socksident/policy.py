@@ -1,0 +1,140 @@
+"""Who may go where: the policy interface and the policy used without rules.
+
+A policy sees the parsed request, both ends of the client's connection, the
+addresses the destination resolved to, and a way to ask the client's identd.
+It answers with a `Decision` that carries the reply code and the reason the
+access log prints.  The rules file (`socksident.rules`) is one policy; the
+no-configuration default below is another; embedders may write their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from zope.interface import Interface, implementer
+
+from socksident.ident import IdentAnswer, IdentMode, verdict
+from socksident.socks4 import ReplyCode, Request
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer: the reply code to send and why."""
+
+    code: ReplyCode
+    reason: str
+    rule: Optional[str] = None  # where the decision came from, e.g. "sockd.conf:12"
+    ident: Optional[IdentAnswer] = None
+
+    @property
+    def granted(self) -> bool:
+        return self.code is ReplyCode.GRANTED
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """Everything about one request that is not in the request itself.
+
+    ``addresses`` are the destination's IP addresses: DSTIP for SOCKS4, what
+    the name resolved to for SOCKS4A (empty when it did not resolve).  Calling
+    ``ident()`` starts the ident query once; later calls share its answer.
+    """
+
+    client_host: str
+    client_port: int
+    server_host: str
+    server_port: int
+    addresses: tuple[str, ...]
+    ident: Callable[[], "Deferred[IdentAnswer]"] = field(repr=False)
+
+
+DecisionResult = Union[Decision, "Deferred[Decision]"]
+
+
+class IPolicy(Interface):  # type: ignore[misc]
+    def check(request: Request, context: PolicyContext) -> DecisionResult:  # type: ignore[empty-body]
+        """Decide a request; return a Decision or a Deferred firing with one."""
+
+
+def deny(reason: str, rule: Optional[str] = None) -> Decision:
+    return Decision(ReplyCode.REJECTED, reason, rule)
+
+
+def check_ident(
+    mode: IdentMode,
+    request: Request,
+    context: PolicyContext,
+    reason: str,
+    rule: Optional[str] = None,
+) -> DecisionResult:
+    """Turn a permit into the final decision by asking identd when `mode` says so.
+
+    Policies call this once they have decided to permit, so that every policy
+    answers 92 and 93 exactly alike.
+    """
+    if mode is IdentMode.OFF:
+        return Decision(ReplyCode.GRANTED, reason, rule)
+
+    def decide(answer: IdentAnswer) -> Decision:
+        result = verdict(mode, request.user_id, answer)
+        why = reason if result.code is ReplyCode.GRANTED and answer.usable else result.reason
+        return Decision(result.code, why, rule, answer)
+
+    return context.ident().addCallback(decide)
+
+
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def _ip(text: str) -> Any:
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def is_loopback(host: str) -> bool:
+    address = _ip(host)
+    return bool(address.is_loopback or address.is_unspecified)
+
+
+def is_private(host: str) -> bool:
+    address = _ip(host)
+    return any(address in net for net in PRIVATE_NETWORKS)
+
+
+@implementer(IPolicy)
+class DefaultPolicy:
+    """The policy with no rules file: no open relay by accident.
+
+    Loopback clients may go anywhere; clients on private networks anywhere
+    but this host's loopback; everyone else is refused.
+    """
+
+    def __init__(self, ident_mode: IdentMode = IdentMode.OFF) -> None:
+        self.ident_mode = ident_mode
+
+    def check(self, request: Request, context: PolicyContext) -> DecisionResult:
+        if is_loopback(context.client_host):
+            reason = "default policy: loopback client"
+        elif is_private(context.client_host):
+            if any(is_loopback(a) for a in context.addresses):
+                return deny("default policy: private clients may not reach the proxy's loopback")
+            reason = "default policy: private-network client"
+        else:
+            return deny("default policy: client is not on loopback or a private network")
+        return check_ident(self.ident_mode, request, context, reason)

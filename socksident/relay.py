@@ -1,0 +1,191 @@
+"""Moving bytes both ways once a request is granted.
+
+Each transport is registered as the other's streaming producer, as Twisted's
+portforward does, so a slow reader pauses the fast writer and the proxy's
+memory stays flat.  On top of that: half-close (a FIN on one side becomes a
+write shutdown on the other, and the other direction keeps flowing), close
+propagation that flushes what is pending before closing, an optional idle
+timeout, and byte counts for the access log.
+
+Twisted will not close a transport that still has a producer registered, so
+every shutdown below unregisters first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class RelaySide:
+    """One connection of the pair and what has happened to it."""
+
+    def __init__(self, name: str, transport: Any) -> None:
+        self.name = name
+        self.transport = transport
+        self.peer: Optional[RelaySide] = None
+        self.bytes_received = 0
+        self.read_closed = False
+        self.lost = False
+
+
+class Relay:
+    """Pairs the client's connection with the destination's.
+
+    The protocols on both connections call `data`, `read_closed` and `lost`
+    with their own `RelaySide`; `on_finished` runs once both are gone.
+    """
+
+    def __init__(
+        self,
+        client_transport: Any,
+        remote_transport: Any,
+        reactor: IReactorTime,
+        on_finished: Callable[["Relay"], None],
+        idle_timeout: Optional[float] = None,
+    ) -> None:
+        self.client = RelaySide("client", client_transport)
+        self.remote = RelaySide("remote", remote_transport)
+        self.client.peer, self.remote.peer = self.remote, self.client
+        self._reactor = reactor
+        self._on_finished = on_finished
+        self._idle_timeout = idle_timeout
+        self._idle_call: Optional[IDelayedCall] = None
+        self.finished = False
+        self.idle_closed = False
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes from the client to the destination."""
+        return self.client.bytes_received
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes from the destination to the client."""
+        return self.remote.bytes_received
+
+    def start(self, early_data: bytes = b"") -> None:
+        """Pair the transports and deliver what the client sent ahead of its reply.
+
+        The callers resume reading on each side once its protocol is attached.
+        """
+        client, remote = self.client.transport, self.remote.transport
+        client.registerProducer(remote, True)
+        remote.registerProducer(client, True)
+        if early_data:
+            self.data(self.client, early_data)
+        self._arm_idle_timer()
+
+    def data(self, side: RelaySide, data: bytes) -> None:
+        side.bytes_received += len(data)
+        assert side.peer is not None
+        if not side.peer.lost:
+            side.peer.transport.write(data)
+        self._arm_idle_timer()
+
+    def read_closed(self, side: RelaySide) -> None:
+        """A FIN from one side: shut the other side's write half, keep the rest."""
+        if side.read_closed or side.lost:
+            return
+        side.read_closed = True
+        peer = side.peer
+        assert peer is not None
+        if peer.read_closed:
+            self._close(side)
+            self._close(peer)
+        elif not peer.lost:
+            peer.transport.unregisterProducer()
+            peer.transport.loseWriteConnection()
+
+    def lost(self, side: RelaySide) -> None:
+        if side.lost:
+            return
+        side.lost = True
+        assert side.peer is not None
+        self._close(side.peer)
+        if side.peer.lost:
+            self._finish()
+
+    def close(self) -> None:
+        """Close both connections after flushing what each has pending."""
+        self._close(self.client)
+        self._close(self.remote)
+
+    def _close(self, side: RelaySide) -> None:
+        if not side.lost:
+            side.transport.unregisterProducer()
+            side.transport.loseConnection()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timeout is None or self.finished:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._idle_call = None
+        self.idle_closed = True
+        self.close()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._on_finished(self)
+
+
+@implementer(IHalfCloseableProtocol)
+class RemoteProtocol(Protocol):
+    """The proxy's connection to the destination (CONNECT) or from it (BIND).
+
+    It holds its transport paused until a relay is attached, so nothing is
+    read before the client has its reply; events that happen before that
+    are remembered and replayed.
+    """
+
+    def __init__(self) -> None:
+        self.relay: Optional[Relay] = None
+        self.side: Optional[RelaySide] = None
+        self.connected_lost = False
+        self.early_read_closed = False
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+    def attach(self, relay: Relay) -> None:
+        """Join a started relay, replaying what happened while we waited."""
+        self.relay, self.side = relay, relay.remote
+        if self.connected_lost:
+            relay.lost(relay.remote)
+        elif self.early_read_closed:
+            relay.read_closed(relay.remote)
+        else:
+            self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.data(self.side, data)
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.read_closed(self.side)
+        else:
+            self.early_read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out; the other direction may still carry data."""
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.lost(self.side)
+        else:
+            self.connected_lost = True

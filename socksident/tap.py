@@ -1,0 +1,209 @@
+"""`twistd socks4`: command-line options in, a running service out."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Optional, Sequence
+
+from twisted.application import internet, service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from socksident.ident import IdentMode
+from socksident.policy import DefaultPolicy, IPolicy
+from socksident.server import ServerSettings, SOCKS4ServerFactory
+
+log = Logger()
+
+DEFAULT_PORT = "tcp:1080:interface=127.0.0.1"
+_IDENT_MODES = {"require": IdentMode.REQUIRE, "check": IdentMode.CHECK, "off": IdentMode.OFF}
+
+
+def endpoint_description(value: str) -> str:
+    """A bare port number means plain TCP on every interface."""
+    return f"tcp:{value}" if value.isdigit() else value
+
+
+def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise usage.UsageError(f"--{name} takes a number of seconds, not {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise usage.UsageError(f"--{name} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def _port_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition("-")
+    try:
+        numbers = (int(low), int(high if sep else low))
+    except ValueError:
+        numbers = (0, -1)
+    if not 1 <= numbers[0] <= numbers[1] <= 65535:
+        raise usage.UsageError(
+            f"--bind-ports takes LOW-HIGH with 1 <= LOW <= HIGH <= 65535, not {value!r}"
+        )
+    return numbers
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A SOCKS4 and SOCKS4A proxy (CONNECT and BIND) with RFC 1413 IDENT "
+        "verification. Without --rules, clients on loopback may go anywhere, "
+        "clients on private networks anywhere but this host's loopback, and "
+        "everyone else is refused (reply 91)."
+    )
+    optFlags = [
+        ["bind-without-connect", None,
+         "Grant BIND even when the client has no CONNECT open to DSTIP."],
+    ]
+    optParameters = [
+        ["rules", "r", None,
+         "A sockd.conf rules file (classic CSTC syntax); SIGHUP re-reads it."],
+        ["request-timeout", None, "30",
+         "Seconds a client has to send its complete request."],
+        ["connect-timeout", None, "120",
+         "Seconds to establish the connection to the destination."],
+        ["bind-timeout", None, "120",
+         "Seconds BIND waits for the application server's connection."],
+        ["idle-timeout", None, "0",
+         "Close a relayed connection idle this many seconds (0: never)."],
+        ["ident-timeout", None, "15",
+         "Seconds for the ident query, connect and answer together."],
+        ["ident-port", None, "113", "Port of the identd on client hosts."],
+        ["bind-ports", None, None,
+         "LOW-HIGH: BIND listens only on ports in this range."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+        self["ident"] = IdentMode.OFF
+
+    def opt_port(self, value: str) -> None:
+        """Listen on this endpoint: a port number (all interfaces) or an endpoint description such as tcp:1080:interface=0.0.0.0, tcp6:1080 or ssl:...; repeatable. Default: tcp:1080:interface=127.0.0.1."""  # noqa: E501
+        self["ports"].append(endpoint_description(value))
+
+    opt_p = opt_port
+
+    def opt_ident(self, value: str) -> None:
+        """Verify users with the client's identd: require (also --ident alone: no answer -> 92, mismatch -> 93) or check (no answer lets the request through, mismatch -> 93). Default: no ident queries."""  # noqa: E501
+        try:
+            self["ident"] = _IDENT_MODES[value]
+        except KeyError:
+            raise usage.UsageError(
+                f"--ident takes require, check or off, not {value!r}"
+            )
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        if options is None:
+            import sys
+
+            options = sys.argv[1:]
+        super().parseOptions(_expand_bare_ident(list(options)))
+
+    def postOptions(self) -> None:
+        if not self["ports"]:
+            self["ports"] = [DEFAULT_PORT]
+        idle = _seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
+        try:
+            ident_port = int(self["ident-port"])
+        except ValueError:
+            ident_port = 0
+        if not 1 <= ident_port <= 65535:
+            raise usage.UsageError(f"--ident-port takes a port number, not {self['ident-port']!r}")
+        self["settings"] = ServerSettings(
+            request_timeout=_seconds("request-timeout", self["request-timeout"]),
+            connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
+            bind_timeout=_seconds("bind-timeout", self["bind-timeout"]),
+            idle_timeout=idle or None,
+            ident_timeout=_seconds("ident-timeout", self["ident-timeout"]),
+            ident_port=ident_port,
+            bind_without_connect=bool(self["bind-without-connect"]),
+            bind_ports=_port_range(self["bind-ports"]) if self["bind-ports"] else None,
+        )
+        self["policy"] = self._policy()
+
+    def _policy(self) -> IPolicy:
+        if self["rules"] is None:
+            return DefaultPolicy(self["ident"])
+        from socksident.commands import run_command
+        from socksident.rules import RulesError, RulesPolicy
+
+        try:
+            return RulesPolicy(self["rules"], self["ident"], run_command=run_command)
+        except RulesError as error:
+            raise usage.UsageError(str(error))
+
+
+def _expand_bare_ident(argv: list[str]) -> list[str]:
+    """Let `--ident` stand alone (strict mode), as `--ident=MODE` or `--ident MODE`."""
+    expanded = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--":
+            expanded.append(argument)
+            expanded.extend(arguments)
+            break
+        if argument == "--ident":
+            following = next(arguments, None)
+            if following in _IDENT_MODES:
+                expanded.append(f"--ident={following}")
+            else:
+                expanded.append("--ident=require")
+                if following is not None:
+                    expanded.append(following)
+        else:
+            expanded.append(argument)
+    return expanded
+
+
+class _ReloadOnHangup(service.Service):
+    """SIGHUP re-reads the rules; connections in progress keep their decision."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        def hangup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.policy.reload)
+
+        self._previous = signal.signal(signal.SIGHUP, hangup)
+
+    def stopService(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+
+class _Announce(service.Service):
+    def __init__(self, ports: list[str]) -> None:
+        self.ports = ports
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("socksident SOCKS4/4A server listening on {ports}", ports=", ".join(self.ports))
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    top = service.MultiService()
+    factory = SOCKS4ServerFactory(options["policy"], options["settings"])
+    for description in options["ports"]:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as error:
+            raise usage.UsageError(f"--port {description!r}: {error}")
+        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if hasattr(options["policy"], "reload"):
+        _ReloadOnHangup(options["policy"]).setServiceParent(top)
+    _Announce(options["ports"]).setServiceParent(top)
+    return top
