@@ -31,6 +31,12 @@ class RelaySide:
         self.bytes_received = 0
         self.read_closed = False
         self.lost = False
+        self.has_producer = False  # the peer's transport is registered on ours
+
+    def unregister_producer(self) -> None:
+        if self.has_producer:
+            self.has_producer = False
+            self.transport.unregisterProducer()
 
 
 class Relay:
@@ -76,6 +82,7 @@ class Relay:
         client, remote = self.client.transport, self.remote.transport
         client.registerProducer(remote, True)
         remote.registerProducer(client, True)
+        self.client.has_producer = self.remote.has_producer = True
         if early_data:
             self.data(self.client, early_data)
         self._arm_idle_timer()
@@ -98,7 +105,7 @@ class Relay:
             self._close(side)
             self._close(peer)
         elif not peer.lost:
-            peer.transport.unregisterProducer()
+            peer.unregister_producer()
             peer.transport.loseWriteConnection()
 
     def lost(self, side: RelaySide) -> None:
@@ -117,7 +124,7 @@ class Relay:
 
     def _close(self, side: RelaySide) -> None:
         if not side.lost:
-            side.transport.unregisterProducer()
+            side.unregister_producer()
             side.transport.loseConnection()
 
     def _arm_idle_timer(self) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
@@ -373,8 +374,8 @@ class SOCKS4Server(Protocol):
             )
             try:
                 remote: RemoteProtocol = await endpoint.connect(_REMOTE_FACTORY)
-            except CancelledError:
-                raise
+            except (CancelledError, ConnectingCancelledError):
+                raise CancelledError()
             except Exception as error:
                 failures.append(f"{address}: {error}")
                 continue

@@ -1,0 +1,449 @@
+"""The server protocol in memory: MemoryReactorClock, StringTransport, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socksident.ident import IdentAnswer, IdentMode, IdentOutcome
+from socksident.policy import DefaultPolicy, Decision, IPolicy, PolicyContext
+from socksident.server import ServerSettings, SOCKS4ServerFactory
+from socksident.socks4 import Command, ReplyCode, build_reply, build_request
+
+
+class Transport(StringTransport):
+    """A StringTransport that also records a write-half shutdown."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class FakeResolver:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, str, int]] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, **kw: Any) -> Any:
+        self.calls.append((receiver, hostName, portNumber))
+        receiver.resolutionBegan(None)
+        return None
+
+    def answer(self, *hosts: str) -> None:
+        receiver, _, port = self.calls[-1]
+        for host in hosts:
+            kind = IPv6Address if ":" in host else IPv4Address
+            receiver.addressResolved(kind("TCP", host, port))
+        receiver.resolutionComplete()
+
+
+class FakeIdent:
+    def __init__(self) -> None:
+        self.queries: list[tuple[Any, ...]] = []
+        self.pending: list[Deferred[IdentAnswer]] = []
+
+    def __call__(self, client_host: str, client_port: int, server_host: str, server_port: int, **kw: Any) -> Deferred[IdentAnswer]:
+        self.queries.append((client_host, client_port, server_host, server_port, kw))
+        d: Deferred[IdentAnswer] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+@pytest.fixture
+def access_events():
+    events: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_namespace") == "socksident.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+class Harness:
+    def __init__(
+        self,
+        settings: Optional[ServerSettings] = None,
+        policy: Any = None,
+        client: tuple[str, int] = ("127.0.0.1", 40000),
+        server: tuple[str, int] = ("127.0.0.1", 1080),
+    ) -> None:
+        self.reactor = MemoryReactorClock()
+        self.resolver = FakeResolver()
+        self.ident = FakeIdent()
+        self.factory = SOCKS4ServerFactory(
+            policy, settings, reactor=self.reactor, resolver=self.resolver, ident_query=self.ident
+        )
+        self.proto = self.factory.buildProtocol(IPv4Address("TCP", *client))
+        self.client = Transport(
+            hostAddress=IPv4Address("TCP", *server), peerAddress=IPv4Address("TCP", *client)
+        )
+        self.proto.makeConnection(self.client)
+        self.remote: Optional[Transport] = None
+        self.remote_proto: Any = None
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def connect_outbound(self, index: int = -1) -> Transport:
+        host, port, factory, _, _ = self.reactor.tcpClients[index]
+        kind = IPv6Address if ":" in host else IPv4Address
+        self.remote_proto = factory.buildProtocol(kind("TCP", host, port))
+        self.remote = Transport(peerAddress=kind("TCP", host, port))
+        self.remote_proto.makeConnection(self.remote)
+        return self.remote
+
+    def refuse_outbound(self, index: int = -1) -> None:
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
+
+    def relayed(self, data: bytes = b"CONNECT") -> Transport:
+        self.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+        remote = self.connect_outbound()
+        self.client.clear()
+        return remote
+
+
+def test_connect_granted_only_after_the_outbound_connection(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") + b"early ")
+    h.send(b"bytes")
+    host, port, _, timeout, _ = h.reactor.tcpClients[0]
+    assert (host, port, timeout) == ("192.0.2.7", 8080, 120.0)
+    assert h.client.value() == b""
+    remote = h.connect_outbound()
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 8080, "192.0.2.7")
+    assert remote.value() == b"early bytes"
+    assert remote.producer is h.client and h.client.producer is remote
+    assert h.proto.state == "relay"
+    assert access_events == []
+
+
+def test_relay_moves_bytes_both_ways_and_logs_once(access_events):
+    h = Harness()
+    remote = h.relayed()
+    h.send(b"ping")
+    h.remote_proto.dataReceived(b"pong!")
+    assert remote.value() == b"ping"
+    assert h.client.value() == b"pong!"
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    assert h.client.disconnecting and h.client.producer is None
+    h.proto.connectionLost(Failure(Exception("done")))
+    [event] = access_events
+    assert (event["code"], event["bytes_up"], event["bytes_down"]) == (90, 4, 5)
+    assert event["user"] == "alice" and event["command"] == "CONNECT"
+    assert event["destination"] == "192.0.2.7" and event["port"] == 80
+    assert h.factory.open_connects == {}
+
+
+def test_client_close_closes_the_remote_after_flushing():
+    h = Harness()
+    remote = h.relayed()
+    h.proto.connectionLost(Failure(Exception("gone")))
+    assert remote.disconnecting and remote.producer is None
+
+
+def test_half_close_from_client_keeps_the_other_direction():
+    h = Harness()
+    remote = h.relayed()
+    h.send(b"request")
+    h.proto.readConnectionLost()
+    assert remote.write_closed and remote.producer is None
+    assert not remote.disconnecting and not h.client.disconnecting
+    h.remote_proto.dataReceived(b"answer")
+    assert h.client.value() == b"answer"
+    h.remote_proto.readConnectionLost()
+    assert h.client.disconnecting and remote.disconnecting
+
+
+def test_half_close_from_remote():
+    h = Harness()
+    remote = h.relayed()
+    h.remote_proto.readConnectionLost()
+    assert h.client.write_closed and not h.client.disconnecting
+    h.send(b"still flowing")
+    assert remote.value() == b"still flowing"
+
+
+def test_client_fin_before_the_reply_is_passed_on_after_early_data():
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice") + b"all of it")
+    h.proto.readConnectionLost()
+    assert not h.client.disconnecting
+    remote = h.connect_outbound()
+    assert remote.value() == b"all of it" and remote.write_closed
+
+
+def test_connect_refused_gets_91(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.refuse_outbound()
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.client.disconnecting
+    [event] = access_events
+    assert event["code"] == 91 and "refused" in event["reason"]
+
+
+def test_connect_time_limit_gets_91_and_stops_connecting(access_events):
+    h = Harness(ServerSettings(connect_timeout=120))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.reactor.advance(119.9)
+    assert h.client.value() == b""
+    h.reactor.advance(0.1)
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.client.disconnecting
+    assert h.reactor.connectors[0].stoppedConnecting
+    assert "within 120 s" in access_events[0]["reason"]
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_half_a_request_is_closed_after_the_request_timeout():
+    h = Harness(ServerSettings(request_timeout=30))
+    h.send(b"\x04\x01\x00")
+    h.reactor.advance(29)
+    assert not h.client.disconnecting
+    h.reactor.advance(1)
+    assert h.client.disconnecting and h.client.value() == b""
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_client_gone_while_connecting_cancels_the_connect(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.proto.connectionLost(Failure(Exception("gone")))
+    assert h.reactor.connectors[0].stoppedConnecting
+    assert h.client.value() == b""
+    assert access_events[0]["reason"] == "client closed the connection first"
+    assert h.reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [bytes([4, 9, 0, 80, 1, 2, 3, 4]), bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"x" * 300],
+)
+def test_bad_requests_get_91(data, access_events):
+    h = Harness()
+    h.send(data)
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.client.disconnecting
+    assert access_events[0]["code"] == 91
+    assert h.reactor.tcpClients == []
+
+
+def test_socks5_greeting_gets_no_acceptable_methods():
+    h = Harness()
+    h.send(b"\x05\x01\x00")
+    assert h.client.value() == b"\x05\xff" and h.client.disconnecting
+
+
+def test_http_request_gets_a_plain_400():
+    h = Harness()
+    h.send(b"GET http://example.com/ HTTP/1.1\r\n")
+    assert h.client.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert b"SOCKS4" in h.client.value() and h.client.disconnecting
+
+
+def test_other_versions_are_closed_silently():
+    h = Harness()
+    h.send(b"\x16\x03\x01")
+    assert h.client.value() == b"" and h.client.disconnecting
+
+
+def test_socks4a_resolves_then_tries_each_address(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 443, "", "bob", hostname="www.example.com"))
+    assert h.resolver.calls[0][1:] == ("www.example.com", 443)
+    h.resolver.answer("2001:db8::1", "192.0.2.9")
+    assert h.reactor.tcpClients[0][:2] == ("2001:db8::1", 443)
+    h.refuse_outbound(0)
+    assert h.reactor.tcpClients[1][:2] == ("192.0.2.9", 443)
+    h.connect_outbound(1)
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 443, "192.0.2.9")
+    h.proto.connectionLost(Failure(Exception()))
+    h.remote_proto.connectionLost(Failure(Exception()))
+    assert access_events[0]["address"] == "192.0.2.9"
+    assert "www.example.com:443 [192.0.2.9]" in access_events[0]["log_format"].format(**access_events[0])
+
+
+def test_socks4a_name_that_does_not_resolve_gets_91(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="nowhere.invalid"))
+    h.resolver.answer()
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert "does not resolve" in access_events[0]["reason"]
+
+
+def test_default_policy_refuses_public_clients_without_connecting(access_events):
+    h = Harness(client=("203.0.113.5", 5000), server=("198.51.100.1", 1080))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.reactor.tcpClients == []
+    assert "not on loopback or a private network" in access_events[0]["reason"]
+
+
+def test_default_policy_keeps_private_clients_off_our_loopback():
+    h = Harness(client=("192.168.1.20", 5000), server=("192.168.1.1", 1080))
+    h.send(build_request(Command.CONNECT, 22, "127.0.0.1", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    h = Harness(client=("192.168.1.20", 5000), server=("192.168.1.1", 1080))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.reactor.tcpClients[0][:2] == ("192.0.2.7", 80)
+
+
+def test_idle_timeout_closes_a_silent_relay(access_events):
+    h = Harness(ServerSettings(idle_timeout=10))
+    remote = h.relayed()
+    h.reactor.advance(9)
+    h.send(b"x")
+    h.reactor.advance(9)
+    assert not h.client.disconnecting
+    h.reactor.advance(1)
+    assert h.client.disconnecting and remote.disconnecting
+    h.proto.connectionLost(Failure(Exception()))
+    h.remote_proto.connectionLost(Failure(Exception()))
+    assert access_events[0]["reason"] == "idle for 10 s"
+
+
+def test_early_data_past_the_limit_pauses_the_client():
+    h = Harness(ServerSettings(early_data_limit=10))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice") + b"123456789")
+    assert h.client.producerState == "producing"
+    h.send(b"0")
+    assert h.client.producerState == "paused"
+    remote = h.connect_outbound()
+    assert remote.value() == b"1234567890"
+    assert h.client.producerState == "producing"
+
+
+# -- ident through the default policy ---------------------------------------
+
+
+def ident_harness(mode: IdentMode) -> Harness:
+    h = Harness(ServerSettings(ident_port=1113, ident_timeout=15), DefaultPolicy(mode))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    return h
+
+
+def test_ident_query_names_both_ports_before_any_connect():
+    h = ident_harness(IdentMode.REQUIRE)
+    [(client_host, client_port, server_host, server_port, kw)] = h.ident.queries
+    assert (client_host, client_port, server_host, server_port) == ("127.0.0.1", 40000, "127.0.0.1", 1080)
+    assert kw["ident_port"] == 1113 and kw["timeout"] == 15
+    assert h.reactor.tcpClients == []
+
+
+def test_ident_confirms_and_the_connect_goes_ahead(access_events):
+    h = ident_harness(IdentMode.REQUIRE)
+    h.ident.pending[0].callback(IdentAnswer(IdentOutcome.USER, "alice", "UNIX", duration=0.25))
+    h.connect_outbound()
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 80, "192.0.2.7")
+    h.proto.connectionLost(Failure(Exception()))
+    h.remote_proto.connectionLost(Failure(Exception()))
+    event = access_events[0]
+    assert (event["ident_outcome"], event["ident_user"], event["ident_opsys"]) == ("user", "alice", "UNIX")
+    assert event["ident_duration"] == 0.25
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+def test_ident_mismatch_is_93_in_both_modes(mode):
+    h = ident_harness(mode)
+    h.ident.pending[0].callback(IdentAnswer(IdentOutcome.USER, "root", "UNIX"))
+    assert h.client.value() == build_reply(ReplyCode.IDENT_MISMATCH)
+    assert h.reactor.tcpClients == []
+
+
+def test_no_ident_answer_is_92_when_required(access_events):
+    h = ident_harness(IdentMode.REQUIRE)
+    h.ident.pending[0].callback(IdentAnswer(IdentOutcome.NO_ANSWER, error="connection refused"))
+    assert h.client.value() == build_reply(ReplyCode.IDENTD_UNREACHABLE)
+    assert "connection refused" in access_events[0]["reason"]
+
+
+def test_no_ident_answer_goes_through_when_checking(access_events):
+    h = ident_harness(IdentMode.CHECK)
+    h.ident.pending[0].callback(IdentAnswer(IdentOutcome.ERROR, error="HIDDEN-USER"))
+    h.connect_outbound()
+    assert h.client.value()[:2] == b"\x00\x5a"
+    h.proto.connectionLost(Failure(Exception()))
+    h.remote_proto.connectionLost(Failure(Exception()))
+    assert "unverified" in access_events[0]["reason"]
+
+
+def test_refused_requests_ask_no_identd():
+    h = Harness(
+        client=("203.0.113.5", 5000), policy=DefaultPolicy(IdentMode.REQUIRE)
+    )
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.ident.queries == []
+
+
+def test_client_gone_during_ident_cancels_the_query():
+    h = ident_harness(IdentMode.REQUIRE)
+    h.proto.connectionLost(Failure(Exception()))
+    assert h.ident.pending[0].called  # cancelled
+    assert h.reactor.tcpClients == []
+
+
+# -- policies written by embedders -------------------------------------------
+
+
+@implementer(IPolicy)
+class RecordingPolicy:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.seen: list[tuple[Any, PolicyContext]] = []
+
+    def check(self, request: Any, context: PolicyContext) -> Any:
+        self.seen.append((request, context))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_a_policy_may_answer_later_with_a_deferred(access_events):
+    later: Deferred[Decision] = Deferred()
+    policy = RecordingPolicy(later)
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    [(request, context)] = policy.seen
+    assert (context.client_host, context.server_port, context.addresses) == ("127.0.0.1", 1080, ("192.0.2.7",))
+    assert h.reactor.tcpClients == []
+    later.callback(Decision(ReplyCode.REJECTED, "not on Sundays", rule="embedder"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert (access_events[0]["reason"], access_events[0]["rule"]) == ("not on Sundays", "embedder")
+
+
+def test_a_policy_that_raises_gets_91_and_the_server_goes_on(access_events):
+    h = Harness(policy=RecordingPolicy(RuntimeError("bug in policy")))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert "internal error" in access_events[0]["reason"]
+    h2 = Harness(policy=RecordingPolicy(succeed(Decision(ReplyCode.GRANTED, "ok"))))
+    h2.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h2.reactor.tcpClients
+
+
+def test_ipv4_mapped_clients_are_seen_as_ipv4():
+    reactor = MemoryReactorClock()
+    policy = RecordingPolicy(Decision(ReplyCode.REJECTED, "no"))
+    factory = SOCKS4ServerFactory(policy, reactor=reactor)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(
+        StringTransport(
+            hostAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 1080),
+            peerAddress=IPv6Address("TCP", "::ffff:10.1.2.3", 5555),
+        )
+    )
+    proto.dataReceived(build_request(Command.CONNECT, 80, "192.0.2.7", "u"))
+    assert policy.seen[0][1].client_host == "10.1.2.3"

@@ -1,0 +1,146 @@
+"""The SOCKS4/4A codec, with no Twisted in sight."""
+
+import pytest
+
+from socksident.socks4 import (
+    Command,
+    FieldTooLong,
+    InvalidHostname,
+    NotSocks4,
+    ReplyCode,
+    Request,
+    RequestParser,
+    UnknownCommand,
+    build_reply,
+    build_request,
+    parse_reply,
+)
+
+CONNECT = bytes([4, 1, 0x1F, 0x90, 192, 0, 2, 7]) + b"alice\x00"
+CONNECT_4A = bytes([4, 1, 0, 80, 0, 0, 0, 1]) + b"bob\x00" + b"Example.COM\x00"
+
+
+def feed_in_pieces(data: bytes, cuts: list[int]) -> tuple[RequestParser, list]:
+    parser = RequestParser()
+    results = []
+    start = 0
+    for cut in cuts + [len(data)]:
+        results.append(parser.feed(data[start:cut]))
+        start = cut
+    return parser, results
+
+
+@pytest.mark.parametrize("cut", range(1, len(CONNECT)))
+def test_every_split_of_a_socks4_request(cut):
+    parser, results = feed_in_pieces(CONNECT, [cut])
+    assert results[0] is None
+    assert results[1] == Request(Command.CONNECT, 8080, "192.0.2.7", "alice")
+    assert parser.leftover == b""
+
+
+@pytest.mark.parametrize("cut", range(1, len(CONNECT_4A)))
+def test_every_split_of_a_socks4a_request(cut):
+    _, results = feed_in_pieces(CONNECT_4A, [cut])
+    assert results[0] is None
+    request = results[1]
+    assert request == Request(Command.CONNECT, 80, "0.0.0.1", "bob", "example.com")
+    assert request.is_socks4a and request.destination == "example.com"
+
+
+def test_one_byte_at_a_time():
+    parser = RequestParser()
+    outcomes = [parser.feed(bytes([b])) for b in CONNECT_4A]
+    assert outcomes[:-1] == [None] * (len(CONNECT_4A) - 1)
+    assert outcomes[-1].hostname == "example.com"
+
+
+def test_bytes_after_the_request_are_kept_in_order():
+    parser = RequestParser()
+    request = parser.feed(CONNECT + b"GET / HTTP/1.0\r\n")
+    assert request.user_id == "alice"
+    assert parser.leftover == b"GET / HTTP/1.0\r\n"
+    assert parser.feed(b"more") is request
+    assert parser.leftover == b"GET / HTTP/1.0\r\nmore"
+
+
+def test_bind_command_and_empty_user():
+    request = RequestParser().feed(bytes([4, 2, 0, 21, 10, 1, 2, 3, 0]))
+    assert request == Request(Command.BIND, 21, "10.1.2.3", "")
+
+
+def test_dstip_zero_is_plain_socks4_not_4a():
+    """0.0.0.0 has x == 0, so no host name follows."""
+    request = RequestParser().feed(bytes([4, 1, 0, 80, 0, 0, 0, 0]) + b"u\x00")
+    assert request is not None and request.hostname is None
+
+
+def test_user_id_keeps_every_octet():
+    request = RequestParser().feed(bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"\xe9t\xe9\x00")
+    assert request.user_id == "\xe9t\xe9"
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"\x05\x01\x00", NotSocks4),
+        (b"GET / HTTP/1.1\r\n", NotSocks4),
+        (bytes([4, 3]), UnknownCommand),
+        (bytes([4, 0]), UnknownCommand),
+        (bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"u" * 256, FieldTooLong),
+        (bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"u" * 256 + b"\x00", FieldTooLong),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00" + b"a" * 256, FieldTooLong),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00" + b"a" * 256 + b"\x00", FieldTooLong),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00bad name\x00", InvalidHostname),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00\x00", InvalidHostname),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00-a.com\x00", InvalidHostname),
+        (bytes([4, 1, 0, 80, 0, 0, 0, 9]) + b"u\x00a..com\x00", InvalidHostname),
+    ],
+)
+def test_errors(data, kind):
+    with pytest.raises(kind) as raised:
+        RequestParser().feed(data)
+    expected_reply = None if kind is NotSocks4 else ReplyCode.REJECTED
+    assert raised.value.reply == expected_reply
+    assert raised.value.reason
+
+
+def test_limits_are_settings():
+    parser = RequestParser(max_user_id_length=3)
+    with pytest.raises(FieldTooLong, match="longer than 3"):
+        parser.feed(bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"abcd")
+    assert RequestParser(max_user_id_length=3).feed(
+        bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"abc\x00"
+    ).user_id == "abc"
+
+
+def test_limit_exactly_255_is_accepted():
+    name = ".".join(["a" * 63] * 4)[:255].rstrip(".")
+    data = bytes([4, 1, 0, 80, 0, 0, 0, 1]) + b"u" * 255 + b"\x00" + name.encode() + b"\x00"
+    request = RequestParser().feed(data)
+    assert len(request.user_id) == 255 and request.hostname == name
+
+
+def test_not_socks4_carries_first_bytes():
+    with pytest.raises(NotSocks4) as raised:
+        RequestParser().feed(b"\x05\x02\x00\x02")
+    assert raised.value.first_bytes == b"\x05\x02\x00\x02"
+
+
+def test_reply_is_eight_bytes():
+    assert build_reply(ReplyCode.GRANTED, 8080, "10.0.0.1") == bytes(
+        [0, 90, 0x1F, 0x90, 10, 0, 0, 1]
+    )
+    assert build_reply(ReplyCode.IDENT_MISMATCH) == bytes([0, 93, 0, 0, 0, 0, 0, 0])
+    assert parse_reply(build_reply(ReplyCode.IDENTD_UNREACHABLE, 1, "1.2.3.4")) == (
+        92,
+        1,
+        "1.2.3.4",
+    )
+    with pytest.raises(ValueError):
+        parse_reply(b"\x00\x5a")
+
+
+def test_build_request_round_trips():
+    assert build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") == CONNECT
+    data = build_request(Command.CONNECT, 80, "", "bob", hostname="Example.COM")
+    assert data == CONNECT_4A
