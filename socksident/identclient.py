@@ -1,0 +1,342 @@
+"""The Twisted side of RFC 1413: ask the client's identd who owns a connection.
+
+`query_ident` always fires with an `IdentAnswer`; refused or unreachable
+identds, time-outs and garbage are answers too (``NO_ANSWER``), because the
+caller's policy (`socksident.ident.verdict`) decides what they mean.  One
+time limit covers both the connect and the answer, and every way out closes
+the connection and cancels the timer, so nothing outlives the Deferred.
+
+Security: an ident answer comes from the client's own host and is only as
+trustworthy as that host and the network path to it (RFC 1413, section 6).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from typing import Any, Callable, Optional
+from typing import Protocol as _Interface
+from typing import cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from socksident.ident import (
+    IdentAnswer,
+    IdentOutcome,
+    MalformedResponse,
+    ResponseReader,
+    build_query,
+)
+
+__all__ = ["IDENT_PORT", "DEFAULT_TIMEOUT", "IdentReactor", "query_ident"]
+
+IDENT_PORT = 113
+#: The original SOCKS4 server's limit; RFC 1413 suggests clients wait longer.
+DEFAULT_TIMEOUT = 15.0
+
+log = Logger()
+
+
+class _DelayedCall(_Interface):
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class _Connector(_Interface):
+    def stopConnecting(self) -> None: ...
+
+
+class _Transport(_Interface):
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+
+class IdentReactor(_Interface):
+    """What the ident client needs from a reactor: IReactorTCP and IReactorTime."""
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = ...,
+        bindAddress: Optional[tuple[str, int]] = ...,
+    ) -> Any: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any: ...
+
+    def seconds(self) -> float: ...
+
+
+def _ip(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address `host` names, with IPv4-mapped IPv6 unwrapped, else None."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _connect_host(client_host: str) -> str:
+    """Where to reach the identd.
+
+    A dual-stack listener reports IPv4 clients as ``::ffff:a.b.c.d``; asking
+    the plain IPv4 address works whether or not the host has IPv6.
+    """
+    address = _ip(client_host)
+    if address is None or isinstance(address, ipaddress.IPv6Address):
+        return client_host  # names and scoped addresses pass through
+    return str(address)
+
+
+def _bind_address(server_host: str, connect_host: str) -> Optional[tuple[str, int]]:
+    """Query from the address the client connected to, as RFC 1413 expects.
+
+    No bind for an unspecified address (we do not know which one the client
+    used) or when the families differ (the bind would only fail).
+    """
+    server = _ip(server_host)
+    client = _ip(connect_host.split("%", 1)[0])
+    if server is None or server.is_unspecified:
+        return None
+    if client is not None and client.version != server.version:
+        return None
+    return (str(server), 0)
+
+
+class _IdentProtocol(Protocol):
+    """Hands the connection's events to the query that owns it."""
+
+    def __init__(self, query: _IdentQuery) -> None:
+        self._query = query
+
+    def connectionMade(self) -> None:
+        self._query.connected(cast(_Transport, self.transport))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._query.data_received(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._query.connection_lost(reason)
+
+
+class _IdentFactory(ClientFactory):
+    noisy = False  # no "Starting factory" line for every query
+
+    def __init__(self, query: _IdentQuery) -> None:
+        self._query = query
+
+    def startedConnecting(self, connector: Any) -> None:
+        self._query.started_connecting(connector)
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> _IdentProtocol:
+        return _IdentProtocol(self._query)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self._query.connection_failed(reason)
+
+
+class _IdentQuery:
+    """One query from connect to answer; finishes exactly once."""
+
+    def __init__(
+        self,
+        reactor: IdentReactor,
+        client_host: str,
+        client_port: int,
+        server_host: str,
+        server_port: int,
+        ident_port: int,
+        timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._query = build_query(client_port, server_port)
+        self._reader = ResponseReader(client_port, server_port)
+        self._host = _connect_host(client_host)
+        self._bind = _bind_address(server_host, self._host)
+        self._ident_port = ident_port
+        self._ports = (client_port, server_port)
+        self._timeout = timeout
+        self._deferred: Deferred[IdentAnswer] = Deferred(self._cancel)
+        self._connector: Optional[_Connector] = None
+        self._transport: Optional[_Transport] = None
+        self._timer: Optional[_DelayedCall] = None
+        self._connecting = False
+        self._done = False
+        self._started = 0.0
+
+    def start(self) -> Deferred[IdentAnswer]:
+        self._started = self._reactor.seconds()
+        self._timer = cast(_DelayedCall, self._reactor.callLater(self._timeout, self._timed_out))
+        log.debug(
+            "ident query {client_port} , {server_port} to {host}:{ident_port}"
+            " from {bind}",
+            client_port=self._ports[0],
+            server_port=self._ports[1],
+            host=self._host,
+            ident_port=self._ident_port,
+            bind=self._bind,
+        )
+        self._connecting = True
+        try:
+            # The connector's own limit is longer than ours, so that the
+            # time-out is always reported (and counted) by our timer.
+            connector = self._reactor.connectTCP(
+                self._host,
+                self._ident_port,
+                _IdentFactory(self),
+                timeout=self._timeout + 1,
+                bindAddress=self._bind,
+            )
+        except Exception as e:
+            self._connecting = False
+            self._no_answer(f"connection failed: {e}", abort=True)
+        else:
+            if self._connector is None:
+                self._connector = cast(_Connector, connector)
+        return self._deferred
+
+    # Events from the factory and the protocol.
+
+    def started_connecting(self, connector: Any) -> None:
+        self._connector = cast(_Connector, connector)
+
+    def connected(self, transport: _Transport) -> None:
+        self._connecting = False
+        if self._done:
+            transport.abortConnection()
+            return
+        self._transport = transport
+        transport.write(self._query)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            answer = self._reader.feed(data)
+        except MalformedResponse as e:
+            self._no_answer(f"malformed answer: {e}", abort=True)
+            return
+        if answer is not None:
+            self._finish(answer, abort=False)
+
+    def connection_lost(self, reason: Failure) -> None:
+        self._transport = None
+        if self._done:
+            return
+        try:
+            self._reader.connection_closed()
+        except MalformedResponse as e:
+            if isinstance(reason.value, ConnectionDone):
+                self._no_answer(f"malformed answer: {e}", abort=False)
+            else:
+                self._no_answer(
+                    f"connection lost before an answer: {reason.getErrorMessage()}",
+                    abort=False,
+                )
+
+    def connection_failed(self, reason: Failure) -> None:
+        self._connecting = False
+        if self._done:
+            return  # our own stopConnecting, after a time-out or cancel
+        if isinstance(reason.value, ConnectionRefusedError):
+            why = "connection refused"
+        else:
+            why = f"connection failed: {reason.getErrorMessage()}"
+        self._no_answer(why, abort=False)
+
+    def _timed_out(self) -> None:
+        self._no_answer(f"no answer within {self._timeout:g} s", abort=True)
+
+    # Ways out.
+
+    def _no_answer(self, why: str, *, abort: bool) -> None:
+        self._finish(IdentAnswer(IdentOutcome.NO_ANSWER, error=why), abort=abort)
+
+    def _stop(self, *, abort: bool) -> None:
+        """Cancel the timer and let go of the connection or the attempt."""
+        self._done = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            if abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+        elif self._connecting and self._connector is not None:
+            self._connecting = False
+            self._connector.stopConnecting()
+
+    def _finish(self, answer: IdentAnswer, *, abort: bool) -> None:
+        if self._done:
+            return
+        self._stop(abort=abort)
+        answer = replace(answer, duration=self._reactor.seconds() - self._started)
+        # No answer is worth an operator's attention; an answer is routine.
+        emit = log.info if answer.outcome is IdentOutcome.NO_ANSWER else log.debug
+        emit(
+            "ident {client_port} , {server_port} at {host}: {outcome}"
+            " user={user_id!r} error={error!r} after {duration} s",
+            client_port=self._ports[0],
+            server_port=self._ports[1],
+            host=self._host,
+            outcome=answer.outcome.value,
+            user_id=answer.user_id,
+            error=answer.error,
+            duration=answer.duration,
+        )
+        self._deferred.callback(answer)
+
+    def _cancel(self, deferred: Deferred[IdentAnswer]) -> None:
+        """The caller gave up: stop everything; the Deferred fails with CancelledError."""
+        if self._done:
+            return
+        self._stop(abort=True)
+        log.debug(
+            "ident query {client_port} , {server_port} to {host} cancelled",
+            client_port=self._ports[0],
+            server_port=self._ports[1],
+            host=self._host,
+        )
+
+
+def query_ident(
+    client_host: str,
+    client_port: int,
+    server_host: str,
+    server_port: int,
+    *,
+    reactor: Optional[IdentReactor] = None,
+    ident_port: int = IDENT_PORT,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Deferred[IdentAnswer]:
+    """Ask the identd on `client_host` who owns ``client_port -> server_port``.
+
+    `server_host`/`server_port` are the proxy's end of the client's
+    connection; the query is sent from `server_host` unless it is the
+    unspecified address.  The Deferred fires with an `IdentAnswer` (never an
+    error for network trouble) and fails only with `CancelledError` when
+    cancelled.  `reactor` defaults to the global reactor at call time.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IdentReactor, global_reactor)
+    query = _IdentQuery(
+        reactor, client_host, client_port, server_host, server_port, ident_port, timeout
+    )
+    return query.start()
