@@ -25,6 +25,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from socksident.address import ip_of
 from socksident.ident import (
     IdentAnswer,
     IdentOutcome,
@@ -79,24 +80,15 @@ class IdentReactor(_Interface):
     def seconds(self) -> float: ...
 
 
-def _ip(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The address `host` names, with IPv4-mapped IPv6 unwrapped, else None."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
 def _connect_host(client_host: str) -> str:
     """Where to reach the identd.
 
     A dual-stack listener reports IPv4 clients as ``::ffff:a.b.c.d``; asking
     the plain IPv4 address works whether or not the host has IPv6.
     """
-    address = _ip(client_host)
+    if "%" in client_host:
+        return client_host  # scoped addresses pass through as written
+    address = ip_of(client_host)
     if address is None or isinstance(address, ipaddress.IPv6Address):
         return client_host  # names and scoped addresses pass through
     return str(address)
@@ -108,8 +100,8 @@ def _bind_address(server_host: str, connect_host: str) -> Optional[tuple[str, in
     No bind for an unspecified address (we do not know which one the client
     used) or when the families differ (the bind would only fail).
     """
-    server = _ip(server_host)
-    client = _ip(connect_host.split("%", 1)[0])
+    server = ip_of(server_host)
+    client = ip_of(connect_host)
     if server is None or server.is_unspecified:
         return None
     if client is not None and client.version != server.version:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from zope.interface import Interface, implementer
 
+from socksident.address import ip_of
 from socksident.ident import IdentAnswer, IdentMode, verdict
 from socksident.socks4 import ReplyCode, Request
 
@@ -101,20 +102,14 @@ PRIVATE_NETWORKS = tuple(
 )
 
 
-def _ip(text: str) -> Any:
-    address = ipaddress.ip_address(text.split("%", 1)[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
-
-
 def is_loopback(host: str) -> bool:
-    address = _ip(host)
-    return bool(address.is_loopback or address.is_unspecified)
+    address = ip_of(host)
+    return address is not None and (address.is_loopback or address.is_unspecified)
 
 
 def is_private(host: str) -> bool:
-    address = _ip(host)
-    return any(address in net for net in PRIVATE_NETWORKS)
+    address = ip_of(host)
+    return address is not None and any(address in net for net in PRIVATE_NETWORKS)
 
 
 @implementer(IPolicy)

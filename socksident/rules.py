@@ -65,18 +65,18 @@ import socket
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from socksident.address import IPAddress, ip_of
 from socksident.ident import IdentAnswer, IdentMode, IdentOutcome
 from socksident.policy import (
     Decision,
     DecisionResult,
     IPolicy,
     PolicyContext,
-    _ip,
     check_ident,
     deny,
 )
@@ -94,7 +94,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 #: Longest line the classic sockd read (its buffer held 1024 with the newline).
 MAX_LINE_LENGTH = 1023
@@ -306,12 +305,7 @@ def _verdict(
 
 def _host_address(text: Optional[str]) -> Optional[IPAddress]:
     """The IP in `text` (IPv4-mapped as IPv4), None for a non-IP peer (UNIX socket)."""
-    if text is None:
-        return None
-    try:
-        return cast(IPAddress, _ip(text))
-    except ValueError:
-        return None
+    return None if text is None else ip_of(text)
 
 
 # --- parsing -----------------------------------------------------------------

@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind
-from socksident.ident import IdentAnswer
+from socksident.address import plain_host
+from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import query_ident
 from socksident.policy import DefaultPolicy, IPolicy, PolicyContext
 from socksident.relay import Relay, RemoteProtocol
@@ -86,14 +87,19 @@ class Refused(Exception):
         self.reason = reason
 
 
-def plain_host(host: str) -> str:
-    """An IPv4-mapped IPv6 address as plain IPv4, so rules see one spelling."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    mapped = getattr(address, "ipv4_mapped", None)
-    return str(mapped) if mapped is not None else host
+def _ident_summary(answer: Optional[IdentAnswer]) -> str:
+    """The ident result as the access log's text shows it.
+
+    ``-`` (nobody was asked), ``user:'name'``, ``error:TYPE`` or ``no-answer``;
+    the structured event carries the same in its ``ident_*`` fields.
+    """
+    if answer is None:
+        return "-"
+    if answer.user_id is not None:
+        return f"{answer.outcome.value}:{answer.user_id!r}"
+    if answer.outcome is IdentOutcome.ERROR:
+        return f"{answer.outcome.value}:{answer.error}"
+    return answer.outcome.value
 
 
 def _reply_address(host: str) -> str:
@@ -504,7 +510,7 @@ class SOCKS4Server(Protocol):
         relay = self.relay
         answer = self.ident_answer
         access_log.info(
-            "{client} user={user!r} {command} {destination}:{port}{via}"
+            "{client} user={user!r} ident={ident} {command} {destination}:{port}{via}"
             " -> {code} ({reason}) up={bytes_up} down={bytes_down}"
             " in {duration:.3f}s",
             client=f"{self.client_host}:{self.client_port}",
@@ -521,6 +527,7 @@ class SOCKS4Server(Protocol):
             code=int(self.code) if self.code is not None else None,
             reason=self.reason,
             rule=self.rule,
+            ident=_ident_summary(answer),
             ident_outcome=answer.outcome.value if answer else None,
             ident_user=answer.user_id if answer else None,
             ident_opsys=answer.opsys if answer else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Generator, Mapping, Optional, Sequence
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated

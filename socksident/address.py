@@ -1,0 +1,33 @@
+"""One reading of an address string for every module.
+
+A dual-stack listener reports IPv4 peers as ``::ffff:a.b.c.d`` and IPv6 link
+addresses may carry a ``%scope``; policies, rules, the ident client and the
+access log must all see the same plain address, or a rule written for
+10.0.0.0/8 would miss a client it was meant for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional, Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def ip_of(host: str) -> Optional[IPAddress]:
+    """The IP address `host` names, IPv4-mapped IPv6 as IPv4; None if not an IP."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def plain_host(host: str) -> str:
+    """`host` with an IPv4-mapped address spelled as IPv4; other text unchanged."""
+    address = ip_of(host)
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    return host
