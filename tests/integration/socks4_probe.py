@@ -1,0 +1,82 @@
+"""A raw SOCKS4/4A CONNECT probe that reports the exact reply code, as JSON.
+
+Standard library only, so that any Python 3 can run it as any user, even from
+standard input (``runuser -u nobody -- python3 - ARGS < socks4_probe.py``),
+without reading files the user may not reach.  The SOCKS request and a token
+line go out in one write; on reply 90 the probe reads the echoed token back,
+proving that data flows through the relay.
+
+    python3 socks4_probe.py PROXY_PORT USERID DEST_HOST DEST_PORT TOKEN
+
+DEST_HOST is an IPv4 address (SOCKS4) or a name (SOCKS4A, resolved by the
+proxy).  Every wait is bounded; the output is one JSON object on stdout.
+"""
+
+import ipaddress
+import json
+import socket
+import struct
+import sys
+import time
+
+TIMEOUT = 5.0
+
+
+def request_bytes(user: str, host: str, port: int) -> bytes:
+    try:
+        address = ipaddress.IPv4Address(host).packed
+        name = b""
+    except ValueError:  # SOCKS4A: 0.0.0.1 and the name after the user id
+        address = bytes([0, 0, 0, 1])
+        name = host.encode("ascii") + b"\x00"
+    return struct.pack("!BBH", 4, 1, port) + address + user.encode("latin-1") + b"\x00" + name
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def probe(proxy_port: int, user: str, host: str, port: int, token: str) -> dict:
+    result = {"user": user, "host": host, "port": port, "token": token}
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=TIMEOUT)
+    try:
+        sock.settimeout(TIMEOUT)
+        result["source_port"] = sock.getsockname()[1]
+        line = token.encode("ascii") + b"\n"
+        sock.sendall(request_bytes(user, host, port) + line)
+        reply = recv_exactly(sock, 8)
+        result["elapsed"] = time.monotonic() - started
+        result["reply_hex"] = reply.hex()
+        if len(reply) != 8 or reply[0] != 0:
+            result["code"] = None
+            result["error"] = f"bad reply {reply!r}"
+            return result
+        result["code"] = reply[1]
+        if reply[1] == 90:
+            result["echo"] = recv_exactly(sock, len(line)).decode("ascii", "replace")
+        else:
+            # A refusal is the last thing the proxy sends: it must close.
+            result["after_reply"] = sock.recv(100).decode("latin-1")
+    except OSError as error:
+        result.setdefault("code", None)
+        result["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        sock.close()
+    return result
+
+
+def main(argv: list) -> int:
+    proxy_port, user, host, port, token = argv
+    print(json.dumps(probe(int(proxy_port), user, host, int(port), token)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
