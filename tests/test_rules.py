@@ -859,7 +859,7 @@ def test_tester_user_list_line_and_global_mode() -> None:
 
 
 def test_tester_bind_line() -> None:
-    args = [EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.21:20", "--no-identd"]
+    args = [EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.21:21", "--no-identd"]
     bind = tester(*args, "--bind")
     assert bind.returncode == 0 and "request: bind from 10.1.2.3" in bind.stdout
     assert tester(*args).returncode == 1

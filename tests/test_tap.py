@@ -88,3 +88,86 @@ def test_service_listens_on_every_port():
 def test_bad_endpoint_is_a_usage_error():
     with pytest.raises(usage.UsageError, match="--port 'nonsense:1'"):
         makeService(parse("--port", "nonsense:1"))
+
+
+# -- --rules ---------------------------------------------------------------------
+
+
+def test_rules_option_gives_a_rules_policy_with_the_ident_mode(tmp_path):
+    from socksident.commands import run_command
+    from socksident.rules import RulesPolicy
+
+    rules = tmp_path / "sockd.conf"
+    rules.write_text("permit 10.0.0.0/8 eq http\n")
+    policy = parse("--rules", str(rules), "--ident", "check")["policy"]
+    assert isinstance(policy, RulesPolicy)
+    assert (policy.path, policy.ident_mode) == (str(rules), IdentMode.CHECK)
+    assert [r.location for r in policy.rules.rules] == [f"{rules}:1"]
+    assert policy._run_command is run_command  # rule commands really run under twistd
+    assert parse("-r", str(rules))["policy"].ident_mode is IdentMode.OFF
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("permit 10.0.0.0/8\ndeny 0.0.0.0 0.0.0.0 eq\n", ":2: missing port after 'eq'"),
+        ("# only a comment\n\nallow 10.0.0.0/8\n", ":3: unknown action 'allow'"),
+    ],
+)
+def test_bad_rules_file_is_a_usage_error_naming_file_and_line(tmp_path, text, message):
+    rules = tmp_path / "sockd.conf"
+    rules.write_text(text)
+    with pytest.raises(usage.UsageError) as raised:
+        parse("--rules", str(rules))
+    assert str(raised.value).startswith(f"{rules}{message}")
+
+
+def test_missing_rules_file_is_a_usage_error(tmp_path):
+    missing = tmp_path / "nonexistent.conf"
+    with pytest.raises(usage.UsageError) as raised:
+        parse("--rules", str(missing))
+    assert str(raised.value).startswith(f"{missing}: cannot read the rules file")
+
+
+def test_makeservice_with_rules_reloads_on_sighup(tmp_path, monkeypatch):
+    import signal
+
+    import twisted.internet
+    from socksident.tap import _ReloadOnHangup
+
+    rules = tmp_path / "sockd.conf"
+    rules.write_text("permit 10.0.0.0/8\n")
+    options = parse("--port", "tcp:0:interface=127.0.0.1", "--rules", str(rules))
+    [reload_service] = [s for s in makeService(options) if isinstance(s, _ReloadOnHangup)]
+    assert reload_service.policy is options["policy"]
+    assert not [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, _ReloadOnHangup)]
+
+    class FakeReactor:
+        def __init__(self):
+            self.calls = []
+
+        def callFromThread(self, f, *args, **kwargs):
+            self.calls.append((f, args, kwargs))
+
+    fake = FakeReactor()
+    monkeypatch.setattr(twisted.internet, "reactor", fake, raising=False)
+
+    def previous(signum, frame):
+        raise AssertionError("the previous SIGHUP handler ran")
+
+    original = signal.signal(signal.SIGHUP, previous)
+    try:
+        reload_service.startService()
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler) and handler is not previous
+        signal.raise_signal(signal.SIGHUP)  # Python runs the handler before this returns
+        assert fake.calls == [(options["policy"].reload, (), {})]
+        # The queued call re-reads the file.
+        rules.write_text("deny 10.0.0.0/8\npermit 0.0.0.0/0\n")
+        f, args, kwargs = fake.calls[0]
+        assert f(*args, **kwargs) is True
+        assert len(options["policy"].rules.rules) == 2
+        reload_service.stopService()
+        assert signal.getsignal(signal.SIGHUP) is previous
+    finally:
+        signal.signal(signal.SIGHUP, original)
