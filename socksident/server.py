@@ -200,6 +200,7 @@ class SOCKS4Server(Protocol):
         self._client_read_closed = False
         self._client_gone = False
         self._timed_out: Optional[str] = None
+        self._too_early: Optional[str] = None  # why a BIND client was cut off
         self._timer: Optional[IDelayedCall] = None
         self._chain: Optional[Deferred[Any]] = None
         self._listener: Optional[bind.OneShotListener] = None
@@ -296,7 +297,17 @@ class SOCKS4Server(Protocol):
         self._early.append(data)
         self._early_size += len(data)
         if self._early_size >= self.settings.early_data_limit:
-            self.transport.pauseProducing()
+            if self.request is not None and self.request.command is Command.BIND:
+                # Paused, we would not see this client leave, and a BIND
+                # listener must not outlive its client: refuse instead.
+                self._too_early = (
+                    f"client sent {self._early_size} bytes before its BIND completed"
+                    f" (limit {self.settings.early_data_limit})"
+                )
+                if self._chain is not None and not self._chain.called:
+                    self._chain.cancel()
+            else:
+                self.transport.pauseProducing()
 
     # -- the chain ------------------------------------------------------------
 
@@ -305,6 +316,9 @@ class SOCKS4Server(Protocol):
         self.state = "pending"
         if self._parser.leftover:
             self._keep_early(self._parser.leftover)
+        if self._too_early:
+            self._reply_and_close(ReplyCode.REJECTED, self._too_early)
+            return
         self._set_timer(self.settings.connect_timeout, "no connection established")
         self._chain = Deferred.fromCoroutine(self._serve(request))
         self._chain.addCallbacks(self._granted, self._ended)
@@ -463,6 +477,8 @@ class SOCKS4Server(Protocol):
                 ReplyCode.REJECTED,
                 f"{self._timed_out} within {self._timeout_seconds:g} s",
             )
+        elif failure.check(CancelledError) and self._too_early:
+            self._reply_and_close(ReplyCode.REJECTED, self._too_early)
         elif failure.check(CancelledError) and self._client_gone:
             self.reason = "client closed the connection first"
             self._finish()
