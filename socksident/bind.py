@@ -7,6 +7,7 @@ server calls it on every path: success, refusal, time limit, client gone.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterable, Optional
 
 from twisted.internet.defer import Deferred
@@ -70,6 +71,22 @@ class OneShotListener:
     @property
     def closed(self) -> bool:
         return self._port is None
+
+
+def candidate_ports(
+    port_range: Optional[tuple[int, int]], chooser: random.Random = random.SystemRandom()
+) -> list[int]:
+    """Every port of the range once, from a random starting point.
+
+    A guessable BIND port lets a stranger connect first; the DSTIP check
+    refuses them, but closes the client's BIND with them.  Without a range
+    the kernel picks an ephemeral port (0).
+    """
+    if port_range is None:
+        return [0]
+    low, high = port_range
+    start = chooser.randint(low, high)
+    return list(range(start, high + 1)) + list(range(low, start))
 
 
 def listen_once(

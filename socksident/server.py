@@ -412,9 +412,10 @@ class SOCKS4Server(Protocol):
                 "BIND without an open CONNECT from this client to "
                 f"{', '.join(addresses)} (see --bind-without-connect)",
             )
-        low, high = self.settings.bind_ports or (0, 0)
         try:
-            listener = bind.listen_once(self.reactor, self.server_host, range(low, high + 1))
+            listener = bind.listen_once(
+                self.reactor, self.server_host, bind.candidate_ports(self.settings.bind_ports)
+            )
         except bind.NoFreePort as error:
             raise Refused(ReplyCode.REJECTED, str(error))
         self._listener = listener

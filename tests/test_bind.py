@@ -523,7 +523,19 @@ def test_client_leaving_before_the_listener_exists(reactor: BindReactor) -> None
 def test_bind_ports_picks_a_free_port_in_the_range(reactor: BindReactor) -> None:
     reactor.busy = {50000, 50001}
     client, port = bound(reactor, make_factory(reactor, bind_ports=(50000, 50003)))
-    assert port.number == 50002
+    assert port.number in (50002, 50003)
+
+
+def test_bind_ports_start_at_a_random_port_and_cover_the_range() -> None:
+    from random import Random
+
+    from socksident.bind import candidate_ports
+
+    assert candidate_ports(None) == [0]
+    orders = {tuple(candidate_ports((100, 104), Random(seed))) for seed in range(50)}
+    assert all(sorted(order) == [100, 101, 102, 103, 104] for order in orders)
+    assert {order[0] for order in orders} == {100, 101, 102, 103, 104}
+    assert all(list(order) == sorted(order, key=lambda p: (p < order[0], p)) for order in orders)
 
 
 def test_bind_ports_exhausted_gets_91(reactor: BindReactor, access_log: list[LogEvent]) -> None:
