@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -226,17 +226,6 @@ def reactor() -> BindReactor:
     return BindReactor()
 
 
-@pytest.fixture
-def access_log() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "socksident.access":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def make_factory(reactor: BindReactor, resolver: Any = None, **settings: Any) -> SOCKS4ServerFactory:
@@ -290,7 +279,7 @@ def test_request_split_into_single_bytes(reactor: BindReactor) -> None:
 
 
 def test_matching_inbound_gets_second_reply_and_relays_both_ways(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     client, port = bound(reactor, make_factory(reactor))
     client.send(b"early bytes from the client ")  # before the inbound connection
@@ -315,7 +304,7 @@ def test_matching_inbound_gets_second_reply_and_relays_both_ways(
     app.connectionLost(Failure(ConnectionDone()))
     assert client.transport.disconnecting
     client.close()
-    [event] = access_log
+    [event] = access_events
     assert event["command"] == "BIND" and event["code"] == 90
     assert event["address"] == APP_HOST
     assert event["bytes_up"] == len(b"early bytes from the client to the app")
@@ -363,7 +352,7 @@ def test_second_connection_to_the_listener_is_refused(reactor: BindReactor) -> N
 
 
 def test_mismatch_gets_91_and_closes_both(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     client, port = bound(reactor, make_factory(reactor))
     accepted = port.connect(OTHER_HOST)
@@ -375,7 +364,7 @@ def test_mismatch_gets_91_and_closes_both(
     assert app_transport.value() == b""
     assert not port.listening
     client.close()
-    [event] = access_log
+    [event] = access_events
     assert event["code"] == 91
     assert OTHER_HOST in event["reason"] and APP_HOST in event["reason"]
 
@@ -383,7 +372,7 @@ def test_mismatch_gets_91_and_closes_both(
 # -- the time limit and the client leaving -------------------------------------
 
 
-def test_time_limit_default_is_120_seconds(reactor: BindReactor, access_log: list[LogEvent]) -> None:
+def test_time_limit_default_is_120_seconds(reactor: BindReactor, access_events: list[LogEvent]) -> None:
     client, port = bound(reactor, make_factory(reactor))
     reactor.advance(119.9)
     assert client.replies() == []
@@ -395,7 +384,7 @@ def test_time_limit_default_is_120_seconds(reactor: BindReactor, access_log: lis
     with pytest.raises(PortRefused):
         port.connect(APP_HOST)
     client.close()
-    [event] = access_log
+    [event] = access_events
     assert event["code"] == 91
     assert "no inbound BIND connection within 120 s" in event["reason"]
     assert not reactor.getDelayedCalls(), "nothing left scheduled"
@@ -422,7 +411,7 @@ def test_time_limit_not_applied_once_relaying(reactor: BindReactor) -> None:
 
 
 def test_client_leaving_closes_the_listener_at_once(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     client, port = bound(reactor, make_factory(reactor))
     client.close()
@@ -432,7 +421,7 @@ def test_client_leaving_closes_the_listener_at_once(
     assert not reactor.getDelayedCalls()
     reactor.advance(200)
     assert client.transport.value() == b""
-    [event] = access_log
+    [event] = access_events
     assert event["command"] == "BIND"
     assert "client closed" in event["reason"]
 
@@ -446,7 +435,7 @@ def test_client_half_close_closes_the_listener(reactor: BindReactor) -> None:
 
 
 def test_too_much_data_before_the_inbound_connection_gets_91(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     """A paused transport would not notice its client leave, so the listener
     could outlive it; a BIND client over the early-data limit is refused instead."""
@@ -460,7 +449,7 @@ def test_too_much_data_before_the_inbound_connection_gets_91(
     assert not port.listening
     client.send(b"more")  # whatever still arrives is ignored
     client.close()
-    [event] = access_log
+    [event] = access_events
     assert event["code"] == 91 and "100 bytes" in event["reason"]
 
 
@@ -538,14 +527,14 @@ def test_bind_ports_start_at_a_random_port_and_cover_the_range() -> None:
     assert all(list(order) == sorted(order, key=lambda p: (p < order[0], p)) for order in orders)
 
 
-def test_bind_ports_exhausted_gets_91(reactor: BindReactor, access_log: list[LogEvent]) -> None:
+def test_bind_ports_exhausted_gets_91(reactor: BindReactor, access_events: list[LogEvent]) -> None:
     reactor.busy = {50000, 50001}
     client = Client(make_factory(reactor, bind_ports=(50000, 50001)))
     client.send(bind_request())
     assert client.replies() == [(0, 91, 0, "0.0.0.0")]
     assert client.transport.disconnecting
     assert not any(p.listening for p in reactor.ports)
-    [event] = access_log
+    [event] = access_events
     assert event["code"] == 91 and "no free port" in event["reason"]
 
 
@@ -587,30 +576,30 @@ class PrimaryConnect:
         self.client.close()
 
 
-def bind_refused(client: Client, access_log: list[LogEvent]) -> None:
+def bind_refused(client: Client, access_events: list[LogEvent]) -> None:
     assert client.replies() == [(0, 91, 0, "0.0.0.0")]
     assert client.transport.disconnecting
-    [event] = [e for e in access_log if e["command"] == "BIND"]
+    [event] = [e for e in access_events if e["command"] == "BIND"]
     assert event["code"] == 91
     assert "BIND without an open CONNECT" in event["reason"]
     assert APP_HOST in event["reason"]
 
 
 def test_bind_refused_without_an_open_connect(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     factory = make_factory(reactor, bind_without_connect=False)
     client = Client(factory)
     client.send(bind_request())
-    bind_refused(client, access_log)
+    bind_refused(client, access_events)
     assert reactor.tcpServers == [], "a refused BIND opens no listener"
 
 
-def test_default_settings_require_connect(reactor: BindReactor, access_log: list[LogEvent]) -> None:
+def test_default_settings_require_connect(reactor: BindReactor, access_events: list[LogEvent]) -> None:
     factory = SOCKS4ServerFactory(policy=AllowAll(), reactor=reactor)
     client = Client(factory)
     client.send(bind_request())
-    bind_refused(client, access_log)
+    bind_refused(client, access_events)
 
 
 def test_bind_without_connect_allows_it(reactor: BindReactor) -> None:
@@ -619,7 +608,7 @@ def test_bind_without_connect_allows_it(reactor: BindReactor) -> None:
 
 
 def test_bind_allowed_while_connect_open_and_refused_after(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     factory = make_factory(reactor, bind_without_connect=False)
     primary = PrimaryConnect(reactor, factory)
@@ -630,30 +619,30 @@ def test_bind_allowed_while_connect_open_and_refused_after(
 
     primary.close()
     assert not factory.open_connects
-    access_log.clear()
+    access_events.clear()
     later = Client(factory, port=45002)
     later.send(bind_request())
-    bind_refused(later, access_log)
+    bind_refused(later, access_events)
 
 
 def test_connect_from_another_host_does_not_count(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     factory = make_factory(reactor, bind_without_connect=False)
     PrimaryConnect(reactor, factory, host="192.0.2.99")
     client = Client(factory)
     client.send(bind_request())
-    bind_refused(client, access_log)
+    bind_refused(client, access_events)
 
 
 def test_connect_to_another_destination_does_not_count(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     factory = make_factory(reactor, bind_without_connect=False)
     PrimaryConnect(reactor, factory, destination=OTHER_HOST)
     client = Client(factory)
     client.send(bind_request())
-    bind_refused(client, access_log)
+    bind_refused(client, access_events)
 
 
 def test_two_connects_one_closed_still_allows(reactor: BindReactor) -> None:
@@ -707,7 +696,7 @@ def test_4a_bind_name_that_does_not_resolve_gets_91(reactor: BindReactor) -> Non
 
 
 def test_4a_bind_requires_connect_to_a_resolved_address(
-    reactor: BindReactor, access_log: list[LogEvent]
+    reactor: BindReactor, access_events: list[LogEvent]
 ) -> None:
     resolver = FakeResolver({"app.example": ["198.51.100.8", APP_HOST]})
     factory = make_factory(reactor, resolver=resolver, bind_without_connect=False)

@@ -9,7 +9,6 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -57,17 +56,6 @@ class FakeIdent:
         return d
 
 
-@pytest.fixture
-def access_events():
-    events: list[dict] = []
-
-    def observer(event: dict) -> None:
-        if event.get("log_namespace") == "socksident.access":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 class Harness:

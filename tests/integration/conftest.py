@@ -248,3 +248,14 @@ def executable(name: str) -> Optional[str]:
     import shutil
 
     return shutil.which(name)
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks_logged(log_capture):
+    """Whatever a test checks, the server must not have logged a traceback."""
+    yield
+    failures = [
+        f"{e.get('log_namespace')}: {e['log_failure'].getTraceback()}"
+        for e in log_capture.failures
+    ]
+    assert not failures, "tracebacks were logged:\n" + "\n".join(failures)

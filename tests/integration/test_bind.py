@@ -36,17 +36,6 @@ SOCKET_TIMEOUT = 15.0  # per blocking socket operation
 THREAD_TIMEOUT = 60.0
 
 
-@pytest.fixture(autouse=True)
-def no_tracebacks_logged(log_capture):
-    """Whatever a test checks, the server must not have logged a traceback."""
-    yield
-    failures = [
-        f"{e.get('log_namespace')}: {e['log_failure'].getTraceback()}"
-        for e in log_capture.failures
-    ]
-    assert not failures, "tracebacks were logged:\n" + "\n".join(failures)
-
-
 # -- blocking helpers (they run in a thread, never on the reactor) --------------
 
 
