@@ -7,14 +7,14 @@ ARGS    ?=
 # network namespaces and the BIND client (socksify).
 TEST_DEBS := curl oidentd dante-client iproute2 util-linux netbase
 
-.PHONY: run test test-unit test-tools venv bench clean
+.PHONY: run test test-unit test-tools typecheck venv bench clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check \
-		--config-settings editable_mode=compat -e '.[test]'
+		--config-settings editable_mode=compat -e '.[test,typecheck]'
 	$(PYTHON) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
@@ -32,8 +32,11 @@ test-tools:
 		echo "not root: cannot install$$missing; the tests that need them will skip"; \
 	fi
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools typecheck
 	$(PYTHON) -m pytest -ra tests
+
+typecheck: $(STAMP)
+	$(PYTHON) -m mypy
 
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -ra tests --ignore=tests/integration

@@ -12,7 +12,8 @@ setup(
     package_data={"socksident": ["py.typed"], "twisted": ["plugins/socksident_plugin.py"]},
     install_requires=["twisted>=23.10", "pyopenssl", "service_identity"],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "pysocks", "python-socks"],
+        "test": ["pytest", "pytest-twisted", "pysocks", "python-socks", "hypothesis"],
+        "typecheck": ["mypy==2.4.1", "mypy-zope==1.0.17"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -9,7 +9,7 @@ access log must all see the same plain address, or a rule written for
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -23,6 +23,13 @@ def ip_of(host: str) -> Optional[IPAddress]:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def host_and_port(address: Any) -> tuple[str, int]:
+    """Host and port of a Twisted IPv4Address/IPv6Address (a UNIX peer has neither)."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    return (plain_host(host) if isinstance(host, str) else "?", port if isinstance(port, int) else 0)
 
 
 def plain_host(host: str) -> str:

@@ -13,8 +13,9 @@ from typing import Any, Iterable, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ServerFactory
 
+from socksident.address import host_and_port
 from socksident.relay import RemoteProtocol
 
 
@@ -35,7 +36,7 @@ class _InboundProtocol(RemoteProtocol):
             self.transport.abortConnection()
 
 
-class _AcceptOne(Factory):
+class _AcceptOne(ServerFactory):
     """Builds a protocol for the first connection only; later ones are refused."""
 
     noisy = False
@@ -44,7 +45,7 @@ class _AcceptOne(Factory):
         self.accepted: "Deferred[RemoteProtocol]" = Deferred()
         self._taken = False
 
-    def buildProtocol(self, addr: IAddress) -> Optional[RemoteProtocol]:
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[RemoteProtocol]:
         if self._taken:
             return None
         self._taken = True
@@ -57,7 +58,7 @@ class OneShotListener:
     def __init__(self, port: IListeningPort, factory: _AcceptOne) -> None:
         self._port: Optional[IListeningPort] = port
         self._factory = factory
-        self.address = port.getHost()
+        self.host, self.port = host_and_port(port.getHost())
 
     @property
     def accepted(self) -> "Deferred[RemoteProtocol]":

@@ -57,8 +57,8 @@ class PolicyContext:
 DecisionResult = Union[Decision, "Deferred[Decision]"]
 
 
-class IPolicy(Interface):  # type: ignore[misc]
-    def check(request: Request, context: PolicyContext) -> DecisionResult:  # type: ignore[empty-body]
+class IPolicy(Interface):
+    def check(request: Request, context: PolicyContext) -> DecisionResult:
         """Decide a request; return a Decision or a Deferred firing with one."""
 
 

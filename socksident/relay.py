@@ -159,6 +159,8 @@ class RemoteProtocol(Protocol):
     are remembered and replayed.
     """
 
+    transport: Any  # a TCP transport: also a push producer and a consumer
+
     def __init__(self) -> None:
         self.relay: Optional[Relay] = None
         self.side: Optional[RelaySide] = None

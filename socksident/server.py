@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectingCancelledError
@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind
-from socksident.address import plain_host
+from socksident.address import host_and_port, plain_host
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import query_ident
 from socksident.policy import DefaultPolicy, IPolicy, PolicyContext
@@ -96,10 +96,10 @@ def _ident_summary(answer: Optional[IdentAnswer]) -> str:
     if answer is None:
         return "-"
     if answer.user_id is not None:
-        return f"{answer.outcome.value}:{answer.user_id!r}"
+        return f"user:{answer.user_id!r}"
     if answer.outcome is IdentOutcome.ERROR:
-        return f"{answer.outcome.value}:{answer.error}"
-    return answer.outcome.value
+        return f"error:{answer.error}"
+    return "no-answer"
 
 
 def _reply_address(host: str) -> str:
@@ -172,13 +172,17 @@ class SOCKS4ServerFactory(Factory):
             self._resolver = self.reactor.nameResolver
         return self._resolver
 
-    def buildProtocol(self, addr: IAddress) -> "SOCKS4Server":
+    def buildProtocol(self, addr: Optional[IAddress]) -> "SOCKS4Server":
         return SOCKS4Server(self)
 
 
 @implementer(IHalfCloseableProtocol)
 class SOCKS4Server(Protocol):
     """One client connection, from its first byte to the access-log line."""
+
+    # A stream transport that is also a push producer and a consumer (TCP,
+    # TLS, UNIX); Twisted's own annotation is the narrower Optional[ITransport].
+    transport: Any
 
     def __init__(self, factory: SOCKS4ServerFactory) -> None:
         self.factory = factory
@@ -212,11 +216,8 @@ class SOCKS4Server(Protocol):
 
     def connectionMade(self) -> None:
         self.started = self.reactor.seconds()
-        peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.client_host = plain_host(getattr(peer, "host", "?"))
-        self.client_port = int(getattr(peer, "port", 0))
-        self.server_host = getattr(host, "host", "0.0.0.0")
-        self.server_port = int(getattr(host, "port", 0))
+        self.client_host, self.client_port = host_and_port(self.transport.getPeer())
+        self.server_host, self.server_port = host_and_port(self.transport.getHost())
         self._set_timer(self.settings.request_timeout, "no complete request")
 
     def dataReceived(self, data: bytes) -> None:
@@ -393,7 +394,7 @@ class SOCKS4Server(Protocol):
                 self.reactor, address, port, timeout=self.settings.connect_timeout
             )
             try:
-                remote: RemoteProtocol = await endpoint.connect(_REMOTE_FACTORY)
+                remote = cast(RemoteProtocol, await endpoint.connect(_REMOTE_FACTORY))
             except (CancelledError, ConnectingCancelledError):
                 raise CancelledError()
             except Exception as error:
@@ -421,18 +422,14 @@ class SOCKS4Server(Protocol):
         self._listener = listener
         try:
             self.transport.write(
-                build_reply(
-                    ReplyCode.GRANTED,
-                    listener.address.port,
-                    _reply_address(listener.address.host),
-                )
+                build_reply(ReplyCode.GRANTED, listener.port, _reply_address(listener.host))
             )
             self.state = "bind-wait"
             self._set_timer(self.settings.bind_timeout, "no inbound BIND connection")
             inbound = await listener.accepted
         finally:
             listener.close()
-        peer = plain_host(inbound.transport.getPeer().host)
+        peer, _ = host_and_port(inbound.transport.getPeer())
         if peer not in addresses:
             inbound.transport.abortConnection()
             raise Refused(
@@ -444,10 +441,10 @@ class SOCKS4Server(Protocol):
 
     def _granted(self, remote: RemoteProtocol) -> None:
         self._cancel_timer()
-        peer = remote.transport.getPeer()
+        peer_host, peer_port = host_and_port(remote.transport.getPeer())
         self.code = ReplyCode.GRANTED
         self.transport.write(
-            build_reply(ReplyCode.GRANTED, peer.port, _reply_address(peer.host))
+            build_reply(ReplyCode.GRANTED, peer_port, _reply_address(peer_host))
         )
         relay = Relay(
             self.transport,
@@ -471,7 +468,7 @@ class SOCKS4Server(Protocol):
         self._cancel_timer()
         if self._listener is not None:
             self._listener.close()
-        if failure.check(Refused):
+        if isinstance(failure.value, Refused):
             self._reply_and_close(failure.value.code, failure.value.reason)
         elif failure.check(CancelledError) and self._timed_out:
             self._reply_and_close(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import signal
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from twisted.application import internet, service
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -173,14 +174,14 @@ class _ReloadOnHangup(service.Service):
         from twisted.internet import reactor
 
         def hangup(signum: int, frame: Any) -> None:
-            reactor.callFromThread(self.policy.reload)
+            cast(IReactorFromThreads, reactor).callFromThread(self.policy.reload)
 
         self._previous = signal.signal(signal.SIGHUP, hangup)
 
     def stopService(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
-        return super().stopService()
+        super().stopService()
 
 
 class _Announce(service.Service):
