@@ -25,6 +25,12 @@ def ip_of(host: str) -> Optional[IPAddress]:
     return address
 
 
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: (a connect to either reaches this host itself)."""
+    address = ip_of(host)
+    return address is not None and address.is_unspecified
+
+
 def host_and_port(address: Any) -> tuple[str, int]:
     """Host and port of a Twisted IPv4Address/IPv6Address (a UNIX peer has neither)."""
     host = getattr(address, "host", None)

@@ -62,6 +62,18 @@ class IPolicy(Interface):
         """Decide a request; return a Decision or a Deferred firing with one."""
 
 
+class IEarlyRefusal(Interface):
+    """Optional for a policy: refuse a client before its SOCKS4A name is resolved.
+
+    Resolving costs a resolver thread and may take until the connect time
+    limit; a client the policy refuses whatever the destination should not
+    make the proxy resolve anything.  ``context.addresses`` is empty here.
+    """
+
+    def refuse_early(request: Request, context: PolicyContext) -> Optional[Decision]:
+        """A refusal that holds for every destination, or None to go on."""
+
+
 def deny(reason: str, rule: Optional[str] = None) -> Decision:
     return Decision(ReplyCode.REJECTED, reason, rule)
 
@@ -112,7 +124,7 @@ def is_private(host: str) -> bool:
     return address is not None and any(address in net for net in PRIVATE_NETWORKS)
 
 
-@implementer(IPolicy)
+@implementer(IPolicy, IEarlyRefusal)
 class DefaultPolicy:
     """The policy with no rules file: no open relay by accident.
 
@@ -123,13 +135,19 @@ class DefaultPolicy:
     def __init__(self, ident_mode: IdentMode = IdentMode.OFF) -> None:
         self.ident_mode = ident_mode
 
+    def refuse_early(self, request: Request, context: PolicyContext) -> Optional[Decision]:
+        if is_loopback(context.client_host) or is_private(context.client_host):
+            return None
+        return deny("default policy: client is not on loopback or a private network")
+
     def check(self, request: Request, context: PolicyContext) -> DecisionResult:
+        refusal = self.refuse_early(request, context)
+        if refusal is not None:
+            return refusal
         if is_loopback(context.client_host):
             reason = "default policy: loopback client"
-        elif is_private(context.client_host):
-            if any(is_loopback(a) for a in context.addresses):
-                return deny("default policy: private clients may not reach the proxy's loopback")
-            reason = "default policy: private-network client"
+        elif any(is_loopback(a) for a in context.addresses):
+            return deny("default policy: private clients may not reach the proxy's loopback")
         else:
-            return deny("default policy: client is not on loopback or a private network")
+            reason = "default policy: private-network client"
         return check_ident(self.ident_mode, request, context, reason)

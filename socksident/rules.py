@@ -75,6 +75,7 @@ from socksident.ident import IdentAnswer, IdentMode, IdentOutcome
 from socksident.policy import (
     Decision,
     DecisionResult,
+    IEarlyRefusal,
     IPolicy,
     PolicyContext,
     check_ident,
@@ -211,11 +212,14 @@ class Rule:
         `address` is one resolved destination address, or None when a
         SOCKS4A name did not resolve.
         """
+        return self.applies_to(request, client) and self._destination_matches(request, address)
+
+    def applies_to(self, request: Request, client: Optional[IPAddress]) -> bool:
+        """Everything but the destination: command, users, client and port."""
         return (
             (self.socks_command is None or self.socks_command is request.command)
             and (self.users is None or request.user_id in self.users)
             and self.source.matches(client)
-            and self._destination_matches(request, address)
             and (self.port is None or self.port.matches(request.port))
         )
 
@@ -272,6 +276,26 @@ class RuleSet:
             for address in addresses
         )
         return _verdict(request, matches)
+
+    def refusal_before_resolving(self, request: Request, client_host: str) -> Optional[str]:
+        """Why `request` is refused whatever its name resolves to, or None.
+
+        Walks the lines as first-match would.  A line that matches by
+        address may deny some addresses, but never permits one the later
+        lines would not look at, so only a permitting address line leaves
+        the question open.
+        """
+        client = _host_address(client_host)
+        for rule in self.rules:
+            if not rule.applies_to(request, client):
+                continue
+            if isinstance(rule.destination, AddressMask):
+                if rule.permits:
+                    return None
+                continue
+            if rule._destination_matches(request, None):
+                return None if rule.permits else f"{rule.location} denies {request.destination}"
+        return f"no rule matches {request.destination}"
 
     def match(self, request: Request, context: PolicyContext) -> Optional[Rule]:
         """The line that decides `request` (see `Evaluation.rule`)."""
@@ -642,7 +666,7 @@ def _service_name(port: int) -> str:
 # --- the policy --------------------------------------------------------------
 
 
-@implementer(IPolicy)
+@implementer(IPolicy, IEarlyRefusal)
 class RulesPolicy:
     """The policy of a rules file, reloadable (e.g. on SIGHUP).
 
@@ -685,6 +709,10 @@ class RulesPolicy:
             "rules reloaded from {path}: {count} lines", path=self.path, count=len(rules.rules)
         )
         return True
+
+    def refuse_early(self, request: Request, context: PolicyContext) -> Optional[Decision]:
+        reason = self._rules.refusal_before_resolving(request, context.client_host)
+        return None if reason is None else deny(reason)
 
     def check(self, request: Request, context: PolicyContext) -> DecisionResult:
         rules = self._rules
@@ -890,8 +918,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ident_user = _wire_user(args.ident_user) if args.ident_user is not None else None
     ident = _TesterIdent(ident_user, args.no_identd)
     context = PolicyContext(args.src, 0, "0.0.0.0", 1080, addresses, ident)
-    evaluation = policy.rules.evaluate(request, context)
-    decision = _result(policy.check(request, context))
+    if not addresses:
+        # As the server does: a name that does not resolve is refused before
+        # any rule (or identd) is consulted.
+        evaluation = Evaluation(False, "", None, ())
+        decision = Decision(ReplyCode.REJECTED, f"{request.destination} does not resolve")
+    else:
+        evaluation = policy.rules.evaluate(request, context)
+        decision = _result(policy.check(request, context))
     _write_report(request, context, evaluation, ident, decision, commands)
     return 0 if decision.granted else 1
 

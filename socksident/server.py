@@ -31,10 +31,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind
-from socksident.address import host_and_port, plain_host
+from socksident.address import host_and_port, is_unspecified, plain_host
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import query_ident
-from socksident.policy import DefaultPolicy, IPolicy, PolicyContext
+from socksident.policy import DefaultPolicy, IEarlyRefusal, IPolicy, PolicyContext
 from socksident.relay import Relay, RemoteProtocol
 from socksident.socks4 import (
     MAX_HOSTNAME_LENGTH,
@@ -325,9 +325,8 @@ class SOCKS4Server(Protocol):
         self._chain.addCallbacks(self._granted, self._ended)
         self._chain.addErrback(self._unexpected)
 
-    async def _serve(self, request: Request) -> RemoteProtocol:
-        addresses = await self._resolve(request)
-        context = PolicyContext(
+    def _context(self, addresses: tuple[str, ...]) -> PolicyContext:
+        return PolicyContext(
             self.client_host,
             self.client_port,
             self.server_host,
@@ -335,13 +334,27 @@ class SOCKS4Server(Protocol):
             addresses,
             self._ident,
         )
-        decision = await maybeDeferred(self.factory.policy.check, request, context)
-        self.rule, self.ident_answer = decision.rule, decision.ident
-        self.reason = decision.reason
-        if not decision.granted:
-            raise Refused(decision.code, decision.reason)
+
+    async def _serve(self, request: Request) -> RemoteProtocol:
+        policy = self.factory.policy
+        if request.hostname is not None and IEarlyRefusal.providedBy(policy):
+            refusal = policy.refuse_early(request, self._context(()))
+            if refusal is not None:
+                self.rule = refusal.rule
+                raise Refused(refusal.code, refusal.reason)
+        addresses = await self._resolve(request)
         if not addresses:
             raise Refused(ReplyCode.REJECTED, f"{request.destination} does not resolve")
+        if any(is_unspecified(address) for address in addresses):
+            # 0.0.0.0 and :: reach this host itself; no rule is written for them.
+            raise Refused(
+                ReplyCode.REJECTED, f"{request.destination} is the unspecified address"
+            )
+        decision = await maybeDeferred(policy.check, request, self._context(addresses))
+        self.rule, self.reason = decision.rule, decision.reason
+        self.ident_answer = decision.ident or self.ident_answer
+        if not decision.granted:
+            raise Refused(decision.code, decision.reason)
         if request.command is Command.CONNECT:
             return await self._connect(addresses, request.port)
         return await self._bind(addresses)
@@ -359,7 +372,7 @@ class SOCKS4Server(Protocol):
         """Ask the client's identd once; every caller shares the answer."""
         if self.ident_answer is not None:
             return succeed(self.ident_answer)
-        waiter: Deferred[IdentAnswer] = Deferred(lambda _: self._cancel_ident())
+        waiter: Deferred[IdentAnswer] = Deferred(self._ident_waiter_cancelled)
         self._ident_waiters.append(waiter)
         if self._ident_query is None:
             self._ident_query = self.factory.ident_query(
@@ -371,7 +384,7 @@ class SOCKS4Server(Protocol):
                 ident_port=self.settings.ident_port,
                 timeout=self.settings.ident_timeout,
             )
-            self._ident_query.addCallbacks(self._ident_answered, lambda _: None)
+            self._ident_query.addCallbacks(self._ident_answered, self._ident_failed)
         return waiter
 
     def _ident_answered(self, answer: IdentAnswer) -> None:
@@ -381,8 +394,22 @@ class SOCKS4Server(Protocol):
             if not waiter.called:
                 waiter.callback(answer)
 
-    def _cancel_ident(self) -> None:
-        if self._ident_query is not None and not self._ident_query.called:
+    def _ident_failed(self, failure: Failure) -> None:
+        """Only cancellation fails a query; pass it to whoever still waits."""
+        waiters, self._ident_waiters = self._ident_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(failure)
+
+    def _ident_waiter_cancelled(self, waiter: "Deferred[IdentAnswer]") -> None:
+        """The query stops when its last waiter gives up, not before."""
+        if waiter in self._ident_waiters:
+            self._ident_waiters.remove(waiter)
+        if (
+            not self._ident_waiters
+            and self._ident_query is not None
+            and not self._ident_query.called
+        ):
             self._ident_query.cancel()
 
     async def _connect(self, addresses: tuple[str, ...], port: int) -> RemoteProtocol:
@@ -421,6 +448,7 @@ class SOCKS4Server(Protocol):
             raise Refused(ReplyCode.REJECTED, str(error))
         self._listener = listener
         try:
+            self.code = ReplyCode.GRANTED  # the first reply; the second decides
             self.transport.write(
                 build_reply(ReplyCode.GRANTED, listener.port, _reply_address(listener.host))
             )

@@ -804,10 +804,10 @@ def test_tester_permit_with_confirmed_ident() -> None:
     assert run.stdout.splitlines() == [
         "request: connect from 10.1.2.3 to 192.0.2.80:80 (SOCKS4; addresses: 192.0.2.80), user 'alice'",
         f"line: {EXAMPLE}:{line}: permit\t?=I 10.0.0.0 255.0.0.0\t0.0.0.0 0.0.0.0\teq http\t"
-        ': logger -p daemon.info "socksident: %u@%a to %Z:%s"',
+        ": logger -p daemon.info 'socksident: %u@%a to %Z:%s'",
         "ident: identd answers 'alice'",
         f"decision: permit (90): permitted by {EXAMPLE}:{line}",
-        'command: logger -p daemon.info "socksident: alice@10.1.2.3 to 192.0.2.80:80"',
+        "command: logger -p daemon.info 'socksident: alice@10.1.2.3 to 192.0.2.80:80'",
     ]
 
 
@@ -816,8 +816,8 @@ def test_tester_mismatch_shows_sanitized_bad_id_command() -> None:
                  "--ident-user", "a;rm -rf /")
     assert run.returncode == 1
     assert "decision: deny (93): identd names 'a;rm -rf /', request claims 'alice'\n" in run.stdout
-    assert ('command: logger -p auth.warning "socksident: 10.1.2.3 claims to be alice but identd '
-            'says a_rm_-rf_/ (connect to 192.0.2.80:http)"\n') in run.stdout
+    assert ("command: logger -p auth.warning 'socksident: 10.1.2.3 claims to be alice but identd "
+            "says a_rm_-rf_/ (connect to 192.0.2.80:http)'\n") in run.stdout
 
 
 def test_tester_without_ident_user_evaluates_as_no_identd() -> None:
@@ -873,8 +873,10 @@ def test_tester_socks4a_name() -> None:
     assert "to www.example.com:443 (SOCKS4A; addresses: 192.0.2.1, 192.0.2.2)" in resolved.stdout
     assert f"line for 192.0.2.2: {EXAMPLE}:{line}:" in resolved.stdout
     unresolved = tester(*args, "--addresses", "")
-    assert unresolved.returncode == 0
+    assert unresolved.returncode == 1
     assert "addresses: none, the name did not resolve" in unresolved.stdout
+    assert "decision: deny (91): www.example.com does not resolve" in unresolved.stdout
+    assert "ident: not asked" in unresolved.stdout
     other = tester(EXAMPLE, "--src", "192.168.1.20", "--dst", "www.example.org:443", "--addresses", "")
     assert other.returncode == 1
 
@@ -912,3 +914,47 @@ def test_tester_usage_errors_exit_2(args: list[str]) -> None:
     run = tester(EXAMPLE, *args)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip()
+
+
+# --- refusing before a SOCKS4A name is resolved ---------------------------------
+
+EARLY_RULES = """\
+deny 192.168.99.0/24
+deny 0.0.0.0/0 10.9.0.0/16
+permit *=alice 10.0.0.0/8 .example.com eq https
+permit 10.0.0.0/8 10.1.0.0/16 eq http
+deny 10.0.0.0/8 .example.org
+permit 172.16.0.0/12
+"""
+
+
+@pytest.mark.parametrize(
+    "client, user, hostname, port, refusal",
+    [
+        ("192.168.99.5", "alice", "www.example.com", 443, "t.conf:1 denies www.example.com"),
+        ("203.0.113.9", "alice", "www.example.com", 443, "no rule matches www.example.com"),
+        ("10.1.2.3", "alice", "www.example.com", 443, None),  # line 3 permits by name
+        ("10.1.2.3", "bob", "www.example.com", 443, "no rule matches www.example.com"),
+        ("10.1.2.3", "bob", "intranet.local", 80, None),  # line 4 may permit by address
+        ("10.1.2.3", "bob", "www.example.org", 22, "t.conf:5 denies www.example.org"),
+        ("172.16.0.9", "bob", "anything.example", 22, None),  # line 6, behind line 2's deny
+    ],
+)
+def test_refusal_before_resolving_follows_first_match(client, user, hostname, port, refusal):
+    rules = parse_rules(EARLY_RULES, "t.conf")
+    asked = request(port=port, user=user, hostname=hostname)
+    assert rules.refusal_before_resolving(asked, client) == refusal
+    if refusal is not None:
+        # Whatever the name resolves to, the full evaluation denies too.
+        for addresses in [("10.1.0.1",), ("10.9.0.1",), ("192.0.2.1", "10.1.0.1")]:
+            assert not rules.evaluate(asked, context(client, addresses)).permitted
+
+
+def test_rules_policy_refuses_early(tmp_path: Path) -> None:
+    path = tmp_path / "early.conf"
+    path.write_text(EARLY_RULES)
+    policy = RulesPolicy(str(path))
+    asked = request(port=443, hostname="x.example.com", user="bob")
+    early = policy.refuse_early(asked, context(addresses=()))
+    assert early is not None and early.code is ReplyCode.REJECTED
+    assert early.reason == "no rule matches x.example.com"

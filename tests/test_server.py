@@ -435,3 +435,88 @@ def test_ipv4_mapped_clients_are_seen_as_ipv4():
     )
     proto.dataReceived(build_request(Command.CONNECT, 80, "192.0.2.7", "u"))
     assert policy.seen[0][1].client_host == "10.1.2.3"
+
+
+# -- refusals that come before the policy --------------------------------------
+
+
+def test_a_name_that_does_not_resolve_asks_no_policy_and_no_identd(access_events):
+    policy = RecordingPolicy(Decision(ReplyCode.GRANTED, "anything goes"))
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="nowhere.invalid"))
+    h.resolver.answer()
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert policy.seen == [] and h.ident.queries == []
+
+
+@pytest.mark.parametrize("resolved", [("0.0.0.0",), ("192.0.2.1", "::")])
+def test_the_unspecified_address_is_never_a_destination(resolved, access_events):
+    policy = RecordingPolicy(Decision(ReplyCode.GRANTED, "anything goes"))
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="zero.example"))
+    h.resolver.answer(*resolved)
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert "unspecified" in access_events[0]["reason"]
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 22, "0.0.0.0", "bob"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert policy.seen == [] and h.reactor.tcpClients == []
+
+
+@implementer(IPolicy)
+class TwoAskers:
+    """Asks identd twice, then gives up on the first question."""
+
+    def check(self, request: Any, context: PolicyContext) -> Any:
+        first, second = context.ident(), context.ident()
+        first.addErrback(lambda failure: None)
+        first.cancel()
+        return second.addCallback(
+            lambda answer: Decision(ReplyCode.GRANTED, f"second asker got {answer.user_id}")
+        )
+
+
+def test_one_ident_asker_giving_up_leaves_the_query_to_the_other():
+    h = Harness(policy=TwoAskers())
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    [query] = h.ident.pending
+    assert not query.called
+    query.callback(IdentAnswer(IdentOutcome.USER, "alice", "UNIX"))
+    assert h.reactor.tcpClients[0][:2] == ("192.0.2.7", 80)
+    assert h.proto.ident_answer.user_id == "alice"
+
+
+def test_the_ident_answer_is_logged_even_when_the_policy_does_not_return_it(access_events):
+    @implementer(IPolicy)
+    class AsksButForgets:
+        def check(self, request: Any, context: PolicyContext) -> Any:
+            return context.ident().addCallback(lambda _: Decision(ReplyCode.REJECTED, "no"))
+
+    h = Harness(policy=AsksButForgets())
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.ident.pending[0].callback(IdentAnswer(IdentOutcome.USER, "alice", "UNIX"))
+    assert access_events[0]["ident_user"] == "alice"
+
+
+def test_idle_timeout_aborts_even_when_a_peer_does_not_read(access_events):
+    h = Harness(ServerSettings(idle_timeout=5))
+    remote = h.relayed()
+    aborted = []
+    remote.abortConnection = lambda: aborted.append("remote")  # type: ignore[method-assign]
+    h.client.abortConnection = lambda: aborted.append("client")  # type: ignore[method-assign]
+    h.reactor.advance(5)
+    assert sorted(aborted) == ["client", "remote"]
+
+
+def test_a_refused_client_makes_the_proxy_resolve_nothing(access_events):
+    h = Harness(client=("203.0.113.5", 5000), server=("198.51.100.1", 1080))
+    h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="slow.example"))
+    assert h.resolver.calls == []
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert "not on loopback or a private network" in access_events[0]["reason"]
+
+
+def test_a_permitted_client_still_resolves():
+    h = Harness(client=("10.0.0.5", 5000), server=("10.0.0.1", 1080))
+    h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="www.example"))
+    assert h.resolver.calls[0][1] == "www.example"
