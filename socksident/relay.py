@@ -80,11 +80,13 @@ class Relay:
         The callers resume reading on each side once its protocol is attached.
         """
         client, remote = self.client.transport, self.remote.transport
+        if early_data:
+            # Written before the pairing, so a full buffer cannot pause the
+            # client before the caller resumes it; the next write will.
+            self.data(self.client, early_data)
         client.registerProducer(remote, True)
         remote.registerProducer(client, True)
         self.client.has_producer = self.remote.has_producer = True
-        if early_data:
-            self.data(self.client, early_data)
         self._arm_idle_timer()
 
     def data(self, side: RelaySide, data: bytes) -> None:
@@ -136,9 +138,14 @@ class Relay:
             self._idle_call = self._reactor.callLater(self._idle_timeout, self._idle)
 
     def _idle(self) -> None:
+        """Nothing moved for the whole timeout: abort, since a peer that does
+        not read would hold a flushing close open for ever."""
         self._idle_call = None
         self.idle_closed = True
-        self.close()
+        for side in (self.client, self.remote):
+            if not side.lost:
+                side.unregister_producer()
+                side.transport.abortConnection()
 
     def _finish(self) -> None:
         if self.finished:
