@@ -193,3 +193,45 @@ def run_command(
         log.failure("command could not be started: {command!r}", command=command)
         return succeed(CommandResult(command, exit_code=None, error=str(e)))
     return protocol.finished
+
+
+#: Rule commands allowed to run at once; more are dropped, with a log line.
+MAX_RUNNING = 32
+
+
+class CommandRunner:
+    """`run_command` with a cap, so a busy client cannot fork without end.
+
+    Every permitted request may start a command that runs up to the time
+    limit; past `max_running` at once, further commands are skipped and
+    logged instead of queued, since a queue would only delay the same flood.
+    """
+
+    def __init__(
+        self,
+        max_running: int = MAX_RUNNING,
+        reactor: Optional[CommandReactor] = None,
+        time_limit: float = DEFAULT_TIME_LIMIT,
+    ) -> None:
+        self.max_running = max_running
+        self.running = 0
+        self._reactor = reactor
+        self._time_limit = time_limit
+
+    def __call__(self, command: str) -> Deferred[CommandResult]:
+        if self.running >= self.max_running:
+            log.warn(
+                "command skipped, {running} already running (limit {limit}): {command!r}",
+                running=self.running,
+                limit=self.max_running,
+                command=command,
+            )
+            return succeed(CommandResult(command, exit_code=None, error="too many commands running"))
+        self.running += 1
+        finished = run_command(command, self._reactor, self._time_limit)
+        finished.addBoth(self._ended)
+        return finished
+
+    def _ended(self, result: CommandResult) -> CommandResult:
+        self.running -= 1
+        return result

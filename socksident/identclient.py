@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from typing import Protocol as _Interface
 from typing import cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
@@ -86,8 +86,6 @@ def _connect_host(client_host: str) -> str:
     A dual-stack listener reports IPv4 clients as ``::ffff:a.b.c.d``; asking
     the plain IPv4 address works whether or not the host has IPv6.
     """
-    if "%" in client_host:
-        return client_host  # scoped addresses pass through as written
     address = ip_of(client_host)
     if address is None or isinstance(address, ipaddress.IPv6Address):
         return client_host  # names and scoped addresses pass through
@@ -328,7 +326,10 @@ def query_ident(
         from twisted.internet import reactor as global_reactor
 
         reactor = cast(IdentReactor, global_reactor)
-    query = _IdentQuery(
-        reactor, client_host, client_port, server_host, server_port, ident_port, timeout
-    )
+    try:
+        query = _IdentQuery(
+            reactor, client_host, client_port, server_host, server_port, ident_port, timeout
+        )
+    except ValueError as e:  # no port pair to ask about (a non-TCP client)
+        return succeed(IdentAnswer(IdentOutcome.NO_ANSWER, error=f"cannot ask: {e}"))
     return query.start()

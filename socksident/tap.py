@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Any, Optional, Sequence, cast
 
-from twisted.application import internet, service
-from twisted.internet.endpoints import serverFromString
+from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
@@ -30,6 +30,8 @@ def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
     try:
         seconds = float(value)
     except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
         raise usage.UsageError(f"--{name} takes a number of seconds, not {value!r}")
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise usage.UsageError(f"--{name} must be a positive number of seconds, not {value!r}")
@@ -131,11 +133,11 @@ class Options(usage.Options):
     def _policy(self) -> IPolicy:
         if self["rules"] is None:
             return DefaultPolicy(self["ident"])
-        from socksident.commands import run_command
+        from socksident.commands import CommandRunner
         from socksident.rules import RulesError, RulesPolicy
 
         try:
-            return RulesPolicy(self["rules"], self["ident"], run_command=run_command)
+            return RulesPolicy(self["rules"], self["ident"], run_command=CommandRunner())
         except RulesError as error:
             raise usage.UsageError(str(error))
 
@@ -200,10 +202,12 @@ def makeService(options: Options) -> service.MultiService:
     factory = SOCKS4ServerFactory(options["policy"], options["settings"])
     for description in options["ports"]:
         try:
-            endpoint = serverFromString(reactor, description)
+            listener = strports.service(description, factory, reactor)
         except (ValueError, TypeError, KeyError) as error:
             raise usage.UsageError(f"--port {description!r}: {error}")
-        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        # strports makes a port that cannot listen stop twistd at start-up
+        # instead of leaving a server running that serves nothing.
+        listener.setServiceParent(top)
     if hasattr(options["policy"], "reload"):
         _ReloadOnHangup(options["policy"]).setServiceParent(top)
     _Announce(options["ports"]).setServiceParent(top)

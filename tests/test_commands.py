@@ -186,3 +186,19 @@ def test_real_shell_output_and_exit_status() -> Generator[Any, Any, None]:
     assert lines == [("stderr", "oops"), ("stdout", "hello")]
     (status,) = [e for e in events if "exit_code" in e]
     assert status["exit_code"] == 3 and isinstance(status["pid"], int)
+
+
+def test_runner_caps_how_many_commands_run_at_once() -> None:
+    from socksident.commands import MAX_RUNNING, CommandRunner
+
+    assert MAX_RUNNING == CommandRunner().max_running == 32
+    reactor = FakeProcessReactor()
+    runner = CommandRunner(max_running=2, reactor=reactor)
+    first, second = runner("echo 1"), runner("echo 2")
+    skipped = fired(runner("echo 3"))
+    assert skipped.error == "too many commands running" and skipped.exit_code is None
+    assert [args[-1] for _, args, _, _ in reactor.spawned] == ["echo 1", "echo 2"]
+    reactor.spawned[0][3].end(ProcessDone(0))
+    assert fired(first).exit_code == 0 and runner.running == 1
+    runner("echo 4")
+    assert [args[-1] for _, args, _, _ in reactor.spawned][-1] == "echo 4"

@@ -449,3 +449,16 @@ def test_no_answer_is_logged_with_its_fields(events: list[LogEvent]) -> None:
     assert event["host"] == CLIENT_HOST
     assert (event["client_port"], event["server_port"]) == (CLIENT_PORT, SERVER_PORT)
     assert event["log_level"].name == "info"
+
+
+def test_a_client_without_ports_gets_no_answer_instead_of_an_exception() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from socksident.identclient import query_ident
+
+    reactor = MemoryReactorClock()
+    answers: list[Any] = []
+    query_ident("?", 0, "?", 0, reactor=reactor).addBoth(answers.append)
+    [answer] = answers
+    assert answer.outcome is IdentOutcome.NO_ANSWER and "cannot ask" in answer.error
+    assert reactor.tcpClients == []

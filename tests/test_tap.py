@@ -94,7 +94,7 @@ def test_bad_endpoint_is_a_usage_error():
 
 
 def test_rules_option_gives_a_rules_policy_with_the_ident_mode(tmp_path):
-    from socksident.commands import run_command
+    from socksident.commands import CommandRunner
     from socksident.rules import RulesPolicy
 
     rules = tmp_path / "sockd.conf"
@@ -103,7 +103,7 @@ def test_rules_option_gives_a_rules_policy_with_the_ident_mode(tmp_path):
     assert isinstance(policy, RulesPolicy)
     assert (policy.path, policy.ident_mode) == (str(rules), IdentMode.CHECK)
     assert [r.location for r in policy.rules.rules] == [f"{rules}:1"]
-    assert policy._run_command is run_command  # rule commands really run under twistd
+    assert isinstance(policy._run_command, CommandRunner)  # rule commands really run
     assert parse("-r", str(rules))["policy"].ident_mode is IdentMode.OFF
 
 
@@ -171,3 +171,27 @@ def test_makeservice_with_rules_reloads_on_sighup(tmp_path, monkeypatch):
         assert signal.getsignal(signal.SIGHUP) is previous
     finally:
         signal.signal(signal.SIGHUP, original)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_timeouts_must_be_finite(value):
+    with pytest.raises(usage.UsageError, match="--connect-timeout takes a number of seconds"):
+        parse("--connect-timeout", value)
+
+
+def test_a_port_that_cannot_listen_stops_start_up():
+    import socket
+
+    from twisted.internet.error import CannotListenError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        top = makeService(parse("--port", f"tcp:{port}:interface=127.0.0.1"))
+        with pytest.raises(CannotListenError):
+            top.privilegedStartService()
+            top.startService()
+    finally:
+        taken.close()
