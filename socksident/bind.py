@@ -69,10 +69,6 @@ class OneShotListener:
             port, self._port = self._port, None
             port.stopListening()
 
-    @property
-    def closed(self) -> bool:
-        return self._port is None
-
 
 def candidate_ports(
     port_range: Optional[tuple[int, int]], chooser: random.Random = random.SystemRandom()

@@ -88,6 +88,7 @@ from socksident.socks4 import (
     Request,
     RequestParser,
     build_request,
+    is_valid_hostname,
 )
 
 if TYPE_CHECKING:
@@ -119,7 +120,6 @@ _WORD = re.compile(r"\S+")
 # A word that is an IPv6 address or network (at least two colons), so that
 # its colons are not taken for the ': command' separator.
 _IPV6_WORD = re.compile(r"[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(/[0-9]*)?")
-_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _UNSAFE = re.compile(r"[^0-9A-Za-z!@%\-_=+\\:,./]")
 _PERCENT = re.compile(r"%(.)", re.DOTALL)
 
@@ -256,12 +256,6 @@ class RuleSet:
     no_identd_command: Optional[str] = None
     bad_id_command: Optional[str] = None
 
-    def first_match(
-        self, request: Request, client_host: str, address: Optional[str]
-    ) -> Optional[Rule]:
-        """The first line matching `request` for one destination address."""
-        return self._first_match(request, _host_address(client_host), _host_address(address))
-
     def _first_match(
         self, request: Request, client: Optional[IPAddress], target: Optional[IPAddress]
     ) -> Optional[Rule]:
@@ -296,10 +290,6 @@ class RuleSet:
             if rule._destination_matches(request, None):
                 return None if rule.permits else f"{rule.location} denies {request.destination}"
         return f"no rule matches {request.destination}"
-
-    def match(self, request: Request, context: PolicyContext) -> Optional[Rule]:
-        """The line that decides `request` (see `Evaluation.rule`)."""
-        return self.evaluate(request, context).rule
 
     def commands_for(self, rule: Rule, decision: Decision) -> tuple[str, ...]:
         """The command templates to run once `rule` permitted and ident spoke."""
@@ -574,7 +564,7 @@ def _parse_cidr(word: str, what: str) -> AddressMask:
 
 def _parse_suffix(word: str) -> DomainSuffix:
     name = word[1:].rstrip(".").lower()
-    if not name or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+    if not (name.isascii() and is_valid_hostname(name.encode("ascii"))):
         raise _LineError(f"invalid domain suffix {word!r}; expected a name such as .example.com")
     return DomainSuffix("." + name)
 

@@ -109,7 +109,8 @@ def is_socks4a_marker(packed_ip: bytes) -> bool:
     return packed_ip[:3] == b"\x00\x00\x00" and packed_ip[3] != 0
 
 
-def _valid_hostname(name: bytes) -> bool:
+def is_valid_hostname(name: bytes) -> bool:
+    """Dot-separated labels of letters, digits, "-" and "_"; one trailing dot allowed."""
     if name.endswith(b"."):
         name = name[:-1]
     if not name:
@@ -187,7 +188,7 @@ class RequestParser:
                 raise FieldTooLong(
                     f"host name longer than {self._max_hostname} bytes"
                 )
-            if not _valid_hostname(raw_name):
+            if not is_valid_hostname(raw_name):
                 raise InvalidHostname(f"invalid host name {raw_name!r}")
             hostname = raw_name.decode("ascii").rstrip(".").lower()
             end = name_end + 1
@@ -211,7 +212,7 @@ def build_request(
     user_id: Union[str, bytes] = b"",
     hostname: Optional[str] = None,
 ) -> bytes:
-    """The request a client sends; used by the client endpoint and tests."""
+    """The request a client sends; the rule tester and the tests use it."""
     if isinstance(user_id, str):
         user_id = user_id.encode("latin-1")
     packed = ipaddress.IPv4Address("0.0.0.1" if hostname else address).packed

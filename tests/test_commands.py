@@ -194,7 +194,7 @@ def test_runner_caps_how_many_commands_run_at_once() -> None:
     assert MAX_RUNNING == CommandRunner().max_running == 32
     reactor = FakeProcessReactor()
     runner = CommandRunner(max_running=2, reactor=reactor)
-    first, second = runner("echo 1"), runner("echo 2")
+    first, _ = runner("echo 1"), runner("echo 2")
     skipped = fired(runner("echo 3"))
     assert skipped.error == "too many commands running" and skipped.exit_code is None
     assert [args[-1] for _, args, _, _ in reactor.spawned] == ["echo 1", "echo 2"]

@@ -579,7 +579,7 @@ def test_first_address_line_supplies_mode_and_command(tmp_path: Path) -> None:
     assert policy.commands[-1] == "echo first 192.0.2.5"
 
 
-def test_ruleset_match_and_evaluate() -> None:
+def test_ruleset_evaluate_names_each_address_line() -> None:
     rules = parse_rules("permit 10.0.0.0/8 192.0.2.0/24\ndeny 0.0.0.0 0.0.0.0\n", "m.conf")
     ctx = context(addresses=("192.0.2.5", "198.51.100.1"))
     evaluation = rules.evaluate(request(hostname="a.example"), ctx)
@@ -588,10 +588,7 @@ def test_ruleset_match_and_evaluate() -> None:
         ("192.0.2.5", 1),
         ("198.51.100.1", 2),
     ]
-    match = rules.match(request(hostname="a.example"), ctx)
-    assert match is not None and match.location == "m.conf:2"
-    first = rules.first_match(request(), "10.1.2.3", "192.0.2.5")
-    assert first is not None and first.lineno == 1
+    assert evaluation.rule is not None and evaluation.rule.location == "m.conf:2"
 
 
 # --- user lists --------------------------------------------------------------------
