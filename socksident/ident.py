@@ -208,13 +208,15 @@ class ResponseReader:
         self._buffer += data
         end = self._buffer.find(b"\n")
         line = self._buffer if end < 0 else self._buffer[:end]
+        if line.endswith(b"\r"):  # the line ending's first half does not count
+            line = line[:-1]
         if len(line) > MAX_RESPONSE_LINE:
             raise MalformedResponse(
                 f"more than {MAX_RESPONSE_LINE} bytes without a line ending"
             )
         if end < 0:
             return None
-        raw = bytes(line[:-1] if line.endswith(b"\r") else line)
+        raw = bytes(line)
         self._buffer = bytearray()
         self.answer = parse_response(raw, self._client_port, self._server_port)
         return self.answer

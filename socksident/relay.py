@@ -171,6 +171,7 @@ class RemoteProtocol(Protocol):
     def __init__(self) -> None:
         self.relay: Optional[Relay] = None
         self.side: Optional[RelaySide] = None
+        self.early_data: list[bytes] = []
         self.connected_lost = False
         self.early_read_closed = False
 
@@ -180,6 +181,9 @@ class RemoteProtocol(Protocol):
     def attach(self, relay: Relay) -> None:
         """Join a started relay, replaying what happened while we waited."""
         self.relay, self.side = relay, relay.remote
+        early, self.early_data = b"".join(self.early_data), []
+        if early:
+            relay.data(relay.remote, early)
         if self.connected_lost:
             relay.lost(relay.remote)
         elif self.early_read_closed:
@@ -190,6 +194,8 @@ class RemoteProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None and self.side is not None:
             self.relay.data(self.side, data)
+        else:  # a transport that cannot pause at once; bounded by one read
+            self.early_data.append(data)
 
     def readConnectionLost(self) -> None:
         if self.relay is not None and self.side is not None:
