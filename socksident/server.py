@@ -268,8 +268,7 @@ class SOCKS4Server(Protocol):
             return
         except ProtocolError as error:
             assert error.reply is not None
-            self.code, self.reason = error.reply, error.reason
-            self._reply_and_close(error.reply)
+            self._reply_and_close(error.reply, error.reason)
             return
         if request is not None:
             self._begin(request)
