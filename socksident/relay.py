@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -108,7 +113,13 @@ class Relay:
             self._close(peer)
         elif not peer.lost:
             peer.unregister_producer()
-            peer.transport.loseWriteConnection()
+            if ISSLTransport.providedBy(peer.transport):
+                # TLS's EOF is close_notify (a bare FIN under it reads as
+                # truncation); Twisted sends it and keeps reading until the
+                # peer's own close_notify, so the other direction still flows.
+                peer.transport.loseConnection()
+            else:
+                peer.transport.loseWriteConnection()
 
     def lost(self, side: RelaySide) -> None:
         if side.lost:
