@@ -7,7 +7,7 @@ ARGS    ?=
 # network namespaces and the BIND client (socksify).
 TEST_DEBS := curl oidentd dante-client iproute2 util-linux netbase
 
-.PHONY: run test test-unit test-tools typecheck venv bench clean
+.PHONY: run test test-unit test-tools typecheck venv bench clean bench-compare
 
 venv: $(STAMP)
 
@@ -46,3 +46,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+bench-compare: $(STAMP)
+	$(PYTHON) benchmarks/compare.py

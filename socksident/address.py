@@ -8,12 +8,14 @@ access log must all see the same plain address, or a rule written for
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any, Optional, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_of(host: str) -> Optional[IPAddress]:
     """The IP address `host` names, IPv4-mapped IPv6 as IPv4; None if not an IP."""
     try:

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind
-from socksident.address import host_and_port, is_unspecified, plain_host
+from socksident.address import host_and_port, ip_of, is_unspecified
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import query_ident
 from socksident.policy import DefaultPolicy, IEarlyRefusal, IPolicy, PolicyContext
@@ -104,11 +104,8 @@ def _ident_summary(answer: Optional[IdentAnswer]) -> str:
 
 def _reply_address(host: str) -> str:
     """SOCKS4 replies carry IPv4 only; 0.0.0.0 tells the client to use ours."""
-    host = plain_host(host)
-    try:
-        return str(ipaddress.IPv4Address(host))
-    except ValueError:
-        return "0.0.0.0"
+    address = ip_of(host)
+    return str(address) if isinstance(address, ipaddress.IPv4Address) else "0.0.0.0"
 
 
 _REMOTE_FACTORY = Factory.forProtocol(RemoteProtocol)
@@ -550,21 +547,13 @@ class SOCKS4Server(Protocol):
         request = self.request
         relay = self.relay
         answer = self.ident_answer
-        access_log.info(
-            "{client} user={user!r} ident={ident} {command} {destination}:{port}{via}"
-            " -> {code} ({reason}) up={bytes_up} down={bytes_down}"
-            " in {duration:.3f}s",
+        fields: dict[str, Any] = dict(
             client=f"{self.client_host}:{self.client_port}",
             user=request.user_id if request else None,
             command=request.command.name if request else None,
             destination=request.destination if request else None,
             port=request.port if request else None,
             address=self.destination_address,
-            via=(
-                f" [{self.destination_address}]"
-                if request and request.hostname and self.destination_address
-                else ""
-            ),
             code=int(self.code) if self.code is not None else None,
             reason=self.reason,
             rule=self.rule,
@@ -578,6 +567,21 @@ class SOCKS4Server(Protocol):
             bytes_down=relay.bytes_down if relay else 0,
             duration=self.reactor.seconds() - self.started,
         )
+        via = (
+            f" [{self.destination_address}]"
+            if request and request.hostname and self.destination_address
+            else ""
+        )
+        # One preformatted field: every log line is formatted by the text
+        # observer, and a format string of twenty fields costs more than the
+        # relay itself on short connections.  The fields stay in the event.
+        summary = (
+            f"{fields['client']} user={fields['user']!r} ident={fields['ident']}"
+            f" {fields['command']} {fields['destination']}:{fields['port']}{via}"
+            f" -> {fields['code']} ({self.reason}) up={fields['bytes_up']}"
+            f" down={fields['bytes_down']} in {fields['duration']:.3f}s"
+        )
+        access_log.info("{summary}", summary=summary, **fields)
 
     # -- the one timer ----------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -172,7 +173,7 @@ class RequestParser:
         if user_end - _HEADER.size > self._max_user_id:
             raise FieldTooLong(f"USERID longer than {self._max_user_id} bytes")
         user_id = bytes(buf[_HEADER.size:user_end]).decode("latin-1")
-        address = str(ipaddress.IPv4Address(packed_ip))
+        address = socket.inet_ntoa(packed_ip)
         end = user_end + 1
         hostname = None
         if is_socks4a_marker(packed_ip):
@@ -201,7 +202,7 @@ def build_reply(
 ) -> bytes:
     """The 8-byte reply: VN 0, CD, DSTPORT, DSTIP."""
     if isinstance(address, str):
-        address = ipaddress.IPv4Address(address).packed
+        address = socket.inet_aton(address)
     return _REPLY.pack(REPLY_VERSION, int(code), port, address)
 
 
