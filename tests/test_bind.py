@@ -703,3 +703,32 @@ def test_4a_bind_requires_connect_to_a_resolved_address(
     PrimaryConnect(reactor, factory)  # to APP_HOST, the name's second address
     client, port = bound(reactor, factory, address="0.0.0.1", hostname=b"app.example", port=45004)
     assert port.listening
+
+
+def test_bind_may_follow_a_socks4a_connect(reactor: BindReactor) -> None:
+    """The CONNECT is recorded under the address it reached, not its 0.0.0.x marker."""
+    factory = make_factory(
+        reactor, resolver=FakeResolver({"app.example": [APP_HOST]}), bind_without_connect=False
+    )
+    primary = Client(factory, port=45000)
+    primary.send(connect_request("0.0.0.1", hostname=b"app.example"))
+    remote_factory = reactor.tcpClients[-1][2]
+    remote = remote_factory.buildProtocol(IPv4Address("TCP", APP_HOST, APP_PORT))
+    remote.makeConnection(
+        Transport(
+            hostAddress=IPv4Address("TCP", PROXY_HOST, 46000),
+            peerAddress=IPv4Address("TCP", APP_HOST, APP_PORT),
+        )
+    )
+    assert primary.replies() == [(0, 90, APP_PORT, APP_HOST)]
+    client, port = bound(reactor, factory, port=45001)
+    assert port.listening
+
+
+def test_bind_address_setting_chooses_the_listening_address(reactor: BindReactor) -> None:
+    factory = make_factory(reactor, bind_address="198.51.100.7")
+    client = Client(factory)
+    client.send(bind_request())
+    port = reactor.ports[-1]
+    assert port.interface == "198.51.100.7"
+    assert client.replies() == [(0, 90, port.number, "198.51.100.7")]

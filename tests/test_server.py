@@ -520,3 +520,11 @@ def test_a_permitted_client_still_resolves():
     h = Harness(client=("10.0.0.5", 5000), server=("10.0.0.1", 1080))
     h.send(build_request(Command.CONNECT, 80, "", "bob", hostname="www.example"))
     assert h.resolver.calls[0][1] == "www.example"
+
+
+def test_a_name_cannot_bring_our_loopback_in_beside_a_public_address():
+    h = Harness(client=("192.168.1.20", 5000), server=("192.168.1.1", 1080))
+    h.send(build_request(Command.CONNECT, 22, "", "bob", hostname="sneaky.example"))
+    h.resolver.answer("192.0.2.9", "127.0.0.1")
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.reactor.tcpClients == []
