@@ -120,6 +120,7 @@ _WORD = re.compile(r"\S+")
 # A word that is an IPv6 address or network (at least two colons), so that
 # its colons are not taken for the ': command' separator.
 _IPV6_WORD = re.compile(r"[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(/[0-9]*)?")
+_LIST_SEPARATORS = re.compile(rb"[ \t\r\v\f,]+")
 _UNSAFE = re.compile(r"[^0-9A-Za-z!@%\-_=+\\:,./]")
 _PERCENT = re.compile(r"%(.)", re.DOTALL)
 
@@ -482,15 +483,17 @@ def _read_user_list(path: str) -> frozenset[str]:
     """User ids from a list file, kept as raw octets (Latin-1) like USERIDs."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("latin-1")
+            raw = f.read()
     except OSError as e:
         raise _LineError(
             f"cannot read user list {path!r}: {e.strerror}; expected a readable file of user ids"
         ) from None
+    # Split the octets, not decoded text: Latin-1 text would take bytes such
+    # as 0x85 and 0xA0 (inside UTF-8 names) for line breaks and blanks.
     users: set[str] = set()
-    for line in text.splitlines():
-        users.update(re.split(r"[\s,]+", line.split("#", 1)[0].strip()))
-    users.discard("")
+    for line in raw.split(b"\n"):
+        entries = _LIST_SEPARATORS.split(line.split(b"#", 1)[0])
+        users.update(entry.decode("latin-1") for entry in entries if entry)
     return frozenset(users)
 
 

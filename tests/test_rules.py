@@ -603,6 +603,16 @@ def test_user_list_file_decides(tmp_path: Path) -> None:
     assert not policy.check(request(user="Dave")).granted  # exact, case-sensitive
 
 
+def test_user_list_file_keeps_non_ascii_names_whole(tmp_path: Path) -> None:
+    """UTF-8 names contain octets (0xA0, 0x85) that Latin-1 text calls blanks."""
+    users = tmp_path / "intl.users"
+    users.write_bytes("voilà\r\njaŅ\tbob\n".encode("utf-8"))
+    policy = Policy(tmp_path, f"permit *={users} 10.0.0.0/8\n")
+    wire = {name: name.encode("utf-8").decode("latin-1") for name in ("voilà", "jaŅ", "bob")}
+    assert all(policy.check(request(user=user)).granted for user in wire.values())
+    assert not policy.check(request(user="voil\xc3")).granted
+
+
 # --- commands ----------------------------------------------------------------------
 
 
