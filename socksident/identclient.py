@@ -104,6 +104,8 @@ def _bind_address(server_host: str, connect_host: str) -> Optional[tuple[str, in
         return None
     if client is not None and client.version != server.version:
         return None
+    if "%" in server_host:  # a link-local address binds only with its scope
+        return (server_host, 0)
     return (str(server), 0)
 
 

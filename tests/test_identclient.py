@@ -159,6 +159,13 @@ def test_ipv6_client() -> None:
     assert identd.answer.user_id == "alice"
 
 
+def test_a_link_local_server_address_keeps_its_scope() -> None:
+    identd = Identd(client_host="fe80::10%eth0", server_host="fe80::1%eth0")
+    host, _, _, _, bind = identd.call
+    assert host == "fe80::10%eth0"
+    assert bind == ("fe80::1%eth0", 0)
+
+
 def test_no_bind_when_families_differ() -> None:
     identd = Identd(client_host="2001:db8::10", server_host=SERVER_HOST)
     assert identd.call[4] is None
