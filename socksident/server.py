@@ -73,6 +73,7 @@ class ServerSettings:
     ident_port: int = 113
     bind_without_connect: bool = False
     bind_ports: Optional[tuple[int, int]] = None  # None: any free port
+    bind_address: Optional[str] = None  # None: the address the client connected to
     max_user_id_length: int = MAX_USER_ID_LENGTH
     max_hostname_length: int = MAX_HOSTNAME_LENGTH
     early_data_limit: int = 64 * 1024  # buffered client bytes before its reply
@@ -438,7 +439,9 @@ class SOCKS4Server(Protocol):
             )
         try:
             listener = bind.listen_once(
-                self.reactor, self.server_host, bind.candidate_ports(self.settings.bind_ports)
+                self.reactor,
+                self.settings.bind_address or self.server_host,
+                bind.candidate_ports(self.settings.bind_ports),
             )
         except bind.NoFreePort as error:
             raise Refused(ReplyCode.REJECTED, str(error))

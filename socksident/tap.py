@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import signal
 from typing import Any, Optional, Sequence, cast
@@ -36,6 +37,15 @@ def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise usage.UsageError(f"--{name} must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _ip_address(name: str, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise usage.UsageError(f"--{name} takes an IP address, not {value!r}")
 
 
 def _port_range(value: str) -> tuple[int, int]:
@@ -79,6 +89,9 @@ class Options(usage.Options):
         ["ident-port", None, "113", "Port of the identd on client hosts."],
         ["bind-ports", None, None,
          "LOW-HIGH: BIND listens only on ports in this range."],
+        ["bind-address", None, None,
+         "BIND listens on this IP address instead of the one the client connected to "
+         "(a proxy whose application servers are on another interface)."],
     ]
 
     def __init__(self) -> None:
@@ -127,6 +140,7 @@ class Options(usage.Options):
             ident_port=ident_port,
             bind_without_connect=bool(self["bind-without-connect"]),
             bind_ports=_port_range(self["bind-ports"]) if self["bind-ports"] else None,
+            bind_address=_ip_address("bind-address", self["bind-address"]),
         )
         self["policy"] = self._policy()
 

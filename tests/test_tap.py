@@ -22,6 +22,7 @@ def test_defaults_are_safe_and_documented():
     assert (settings.request_timeout, settings.connect_timeout, settings.bind_timeout) == (30, 120, 120)
     assert settings.idle_timeout is None and settings.ident_timeout == 15
     assert settings.ident_port == 113 and settings.bind_ports is None
+    assert settings.bind_address is None
     assert not settings.bind_without_connect
     assert isinstance(options["policy"], DefaultPolicy)
     assert options["policy"].ident_mode is IdentMode.OFF
@@ -52,11 +53,12 @@ def test_timeouts_and_bind_settings():
     settings = parse(
         "--request-timeout", "5", "--connect-timeout", "7.5", "--bind-timeout", "9",
         "--idle-timeout", "600", "--ident-timeout", "3", "--ident-port", "1113",
-        "--bind-ports", "40000-40010", "--bind-without-connect",
+        "--bind-ports", "40000-40010", "--bind-without-connect", "--bind-address", "192.0.2.1",
     )["settings"]
     assert (settings.request_timeout, settings.connect_timeout, settings.bind_timeout) == (5, 7.5, 9)
     assert (settings.idle_timeout, settings.ident_timeout, settings.ident_port) == (600, 3, 1113)
     assert settings.bind_ports == (40000, 40010) and settings.bind_without_connect
+    assert settings.bind_address == "192.0.2.1"
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,7 @@ def test_timeouts_and_bind_settings():
         (["--bind-ports", "0-5"], "--bind-ports takes LOW-HIGH"),
         (["--bind-ports", "a-b"], "--bind-ports takes LOW-HIGH"),
         (["--ident-port", "70000"], "--ident-port takes a port number"),
+        (["--bind-address", "outside"], "--bind-address takes an IP address"),
         (["stray"], "Wrong number of arguments"),
     ],
 )
