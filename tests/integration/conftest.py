@@ -25,6 +25,7 @@ Fixtures (all function-scoped, all generic; BIND fixtures may be added below):
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -259,3 +260,13 @@ def no_tracebacks_logged(log_capture):
         for e in log_capture.failures
     ]
     assert not failures, "tracebacks were logged:\n" + "\n".join(failures)
+
+
+def skip_unless_strict(reason: str) -> None:
+    """Skip a test that needs root or a tool `make test` installs, with `reason`.
+
+    CI sets SOCKSIDENT_STRICT_TESTS=1: there such a test must run, so it fails.
+    """
+    if os.environ.get("SOCKSIDENT_STRICT_TESTS"):
+        pytest.fail(f"{reason} (SOCKSIDENT_STRICT_TESTS is set: this test must run here)")
+    pytest.skip(reason)

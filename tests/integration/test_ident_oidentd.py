@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import pytest
 
+from .conftest import skip_unless_strict
+
 HERE = Path(__file__).resolve().parent
 SCENARIO = HERE / "ident_oidentd_scenario.py"
 SEARCH_PATH = os.pathsep.join(
@@ -106,7 +108,7 @@ def _skip_reason() -> Optional[str]:
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     reason = _skip_reason()
     if reason:
-        pytest.skip(reason)
+        skip_unless_strict(reason)
     twistd = Path(sys.executable).parent / "twistd"
     assert twistd.exists(), f"no twistd next to {sys.executable}: is the package installed?"
     workdir = tmp_path_factory.mktemp("oidentd")
