@@ -381,7 +381,10 @@ class SOCKS4Server(Protocol):
                 ident_port=self.settings.ident_port,
                 timeout=self.settings.ident_timeout,
             )
-            self._ident_query.addCallbacks(self._ident_answered, self._ident_failed)
+            # A query fails only when cancelled, which its last waiter does.
+            self._ident_query.addCallbacks(
+                self._ident_answered, lambda failure: failure.trap(CancelledError)
+            )
         return waiter
 
     def _ident_answered(self, answer: IdentAnswer) -> None:
@@ -390,13 +393,6 @@ class SOCKS4Server(Protocol):
         for waiter in waiters:
             if not waiter.called:
                 waiter.callback(answer)
-
-    def _ident_failed(self, failure: Failure) -> None:
-        """Only cancellation fails a query; pass it to whoever still waits."""
-        waiters, self._ident_waiters = self._ident_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.errback(failure)
 
     def _ident_waiter_cancelled(self, waiter: "Deferred[IdentAnswer]") -> None:
         """The query stops when its last waiter gives up, not before."""
