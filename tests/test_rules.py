@@ -965,3 +965,24 @@ def test_rules_policy_refuses_early(tmp_path: Path) -> None:
     early = policy.refuse_early(asked, context(addresses=()))
     assert early is not None and early.code is ReplyCode.REJECTED
     assert early.reason == "no rule matches x.example.com"
+
+
+def test_reload_warns_about_a_command_on_a_deny_line(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    path = tmp_path / "warn.conf"
+    path.write_text("permit 10.0.0.0/8\n")
+    policy = RulesPolicy(str(path))
+    warnings: list[str] = []
+
+    def observe(event: dict) -> None:
+        if "never runs" in event.get("log_format", ""):
+            warnings.append(event["location"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        path.write_text("deny 10.9.0.0/16 : echo never\npermit 10.0.0.0/8\n")
+        assert policy.reload()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert warnings == [f"{path}:1"]

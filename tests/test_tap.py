@@ -198,3 +198,10 @@ def test_a_port_that_cannot_listen_stops_start_up():
             top.startService()
     finally:
         taken.close()
+
+
+def test_arguments_after_a_double_dash_are_left_alone():
+    from socksident.tap import _expand_bare_ident
+
+    assert _expand_bare_ident(["--ident", "--", "--ident"]) == ["--ident=require", "--", "--ident"]
+    assert _expand_bare_ident(["--", "--ident", "check"]) == ["--", "--ident", "check"]
