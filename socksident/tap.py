@@ -158,23 +158,21 @@ class Options(usage.Options):
 
 def _expand_bare_ident(argv: list[str]) -> list[str]:
     """Let `--ident` stand alone (strict mode), as `--ident=MODE` or `--ident MODE`."""
-    expanded = []
-    arguments = iter(argv)
-    for argument in arguments:
+    expanded: list[str] = []
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
         if argument == "--":
-            expanded.append(argument)
-            expanded.extend(arguments)
-            break
+            return expanded + argv[index:]
         if argument == "--ident":
-            following = next(arguments, None)
+            following = argv[index + 1] if index + 1 < len(argv) else None
             if following in _IDENT_MODES:
                 expanded.append(f"--ident={following}")
-            else:
-                expanded.append("--ident=require")
-                if following is not None:
-                    expanded.append(following)
-        else:
-            expanded.append(argument)
+                index += 2
+                continue
+            argument = "--ident=require"
+        expanded.append(argument)
+        index += 1
     return expanded
 
 
