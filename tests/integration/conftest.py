@@ -270,3 +270,46 @@ def skip_unless_strict(reason: str) -> None:
     if os.environ.get("SOCKSIDENT_STRICT_TESTS"):
         pytest.fail(f"{reason} (SOCKSIDENT_STRICT_TESTS is set: this test must run here)")
     pytest.skip(reason)
+
+
+def recv_exactly(sock: Any, n: int) -> bytes:
+    """Read exactly `n` bytes from a blocking (plain or TLS) socket, or fail the test."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 256 * 1024))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(out)} of {n} bytes: {bytes(out[:64])!r}")
+        out += chunk
+    return bytes(out)
+
+
+@implementer(IHalfCloseableProtocol)
+class SpeakThenHalfClose(Protocol):
+    """Sends `greeting`, shuts its write side at once, then reads until the peer's EOF.
+
+    `done` fires with (whether EOF came, the bytes received) when the connection ends.
+    """
+
+    def __init__(self, greeting: bytes, done: Deferred) -> None:
+        self.greeting = greeting
+        self.done = done
+        self.received = bytearray()
+        self.eof = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if not self.done.called:
+            self.done.callback((self.eof, bytes(self.received)))

@@ -29,7 +29,14 @@ from twisted.protocols.ftp import FTPFactory, FTPRealm
 
 from socksident.server import ServerSettings, SOCKS4ServerFactory
 
-from .conftest import LOOPBACK, bounded, executable, skip_unless_strict, wait_until
+from .conftest import (
+    LOOPBACK,
+    bounded,
+    executable,
+    recv_exactly,
+    skip_unless_strict,
+    wait_until,
+)
 
 OTHER_LOOPBACK = "127.0.0.2"  # also this host, but not the address the client named
 SOCKET_TIMEOUT = 15.0  # per blocking socket operation
@@ -42,16 +49,6 @@ THREAD_TIMEOUT = 60.0
 def request(command: int, port: int, address: str, user: bytes = b"", hostname: bytes = b"") -> bytes:
     data = struct.pack("!BBH4s", 4, command, port, socket.inet_aton(address)) + user + b"\0"
     return data + (hostname + b"\0" if hostname else b"")
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(out)} of {n} bytes: {bytes(out)!r}")
-        out += chunk
-    return bytes(out)
 
 
 def read_reply(sock: socket.socket) -> tuple[int, int, str]:

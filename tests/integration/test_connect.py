@@ -34,12 +34,20 @@ from socksident.server import (
     HTTP_NOT_A_WEB_PROXY,
     SOCKS5_NO_ACCEPTABLE_METHODS,
 )
-from socksident.socks4 import Command, ReplyCode, build_reply, build_request, parse_reply
+from socksident.socks4 import (
+    Command,
+    ReplyCode,
+    build_reply,
+    build_request,
+    parse_reply,
+)
 
 from .conftest import (
     LOOPBACK,
+    SpeakThenHalfClose,
     bounded,
     executable,
+    recv_exactly,
     skip_unless_strict,
     unused_port,
     wait_until,
@@ -50,16 +58,6 @@ CLIENT_TIMEOUT = 20.0  # per blocking socket operation in client threads
 
 
 # -- blocking SOCKS4 client helpers (run them in a thread) --------------------
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(out)} of {n} bytes")
-        out += chunk
-    return bytes(out)
 
 
 def recv_until_eof(sock: socket.socket, limit: int = 256 * MiB) -> bytes:
@@ -121,35 +119,6 @@ class AnswerAfterEOF(Protocol):
 
     def writeConnectionLost(self) -> None:
         pass
-
-
-@implementer(IHalfCloseableProtocol)
-class SpeakThenHalfClose(Protocol):
-    """Sends `greeting`, shuts its write side at once, then reads until the peer's EOF."""
-
-    def __init__(self, greeting: bytes, got: Deferred) -> None:
-        self.greeting = greeting
-        self.got = got
-        self.received = bytearray()
-        self.eof = False
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.greeting)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        if not self.got.called:
-            self.got.callback((self.eof, bytes(self.received)))
 
 
 @implementer(IHalfCloseableProtocol)

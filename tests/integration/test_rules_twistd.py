@@ -27,6 +27,8 @@ import pytest
 
 from socksident.socks4 import Command, ReplyCode, build_request
 
+from .conftest import recv_exactly
+
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "sockd.conf"
@@ -105,16 +107,6 @@ def echo() -> Iterator[Callable[[], EchoServer]]:
 
 
 # -- the client --------------------------------------------------------------------
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(data)} of {count} bytes: {data!r}")
-        data += chunk
-    return data
 
 
 def socks_connect(

@@ -27,14 +27,12 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from zope.interface import implementer
 
 from socksident.server import SOCKS4Server, SOCKS4ServerFactory
 from socksident.socks4 import Command, ReplyCode, build_request, parse_reply
 
-from .conftest import LOOPBACK, bounded, wait_until
+from .conftest import LOOPBACK, SpeakThenHalfClose, bounded, recv_exactly, wait_until
 
 # Twisted's ssl: endpoint hands pyOpenSSL objects to pyOpenSSL; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
@@ -120,16 +118,6 @@ def tls_connect(proxy: TLSProxy) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(proxy.cert))  # verifies 127.0.0.1
     raw = socket.create_connection((LOOPBACK, proxy.port), timeout=CLIENT_TIMEOUT)
     return context.wrap_socket(raw, server_hostname=LOOPBACK, suppress_ragged_eofs=False)
-
-
-def recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(min(n - len(out), 256 * 1024))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(out)} of {n} bytes")
-        out += chunk
-    return bytes(out)
 
 
 def recv_until_eof(sock: ssl.SSLSocket, limit: int = 16 * MiB) -> bytes:
@@ -222,35 +210,6 @@ async def test_refused_connect_gets_8_byte_91(tls_proxy, unused_tcp_port, log_ca
 
 
 # -- the destination closes first ------------------------------------------------
-
-
-@implementer(IHalfCloseableProtocol)
-class SpeakThenHalfClose(Protocol):
-    """Sends `greeting`, shuts its write side, then reads until the peer's EOF."""
-
-    def __init__(self, greeting: bytes, done: Deferred) -> None:
-        self.greeting = greeting
-        self.done = done
-        self.received = bytearray()
-        self.eof = False
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.greeting)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.done.called:
-            self.done.callback((self.eof, bytes(self.received)))
 
 
 def _listen_then_answer(proxy: TLSProxy, dest_port: int, answer: bytes) -> bytes:
