@@ -574,11 +574,16 @@ class SOCKS4Server(Protocol):
         # One preformatted field: every log line is formatted by the text
         # observer, and a format string of twenty fields costs more than the
         # relay itself on short connections.  The fields stay in the event.
-        summary = (
-            f"{fields['client']} user={fields['user']!r} ident={fields['ident']}"
+        asked = (
+            f" user={fields['user']!r} ident={fields['ident']}"
             f" {fields['command']} {fields['destination']}:{fields['port']}{via}"
-            f" -> {fields['code']} ({self.reason}) up={fields['bytes_up']}"
-            f" down={fields['bytes_down']} in {fields['duration']:.3f}s"
+            if request is not None
+            else " (no valid request)"
+        )
+        summary = (
+            f"{fields['client']}{asked} -> {fields['code']} ({self.reason})"
+            f" up={fields['bytes_up']} down={fields['bytes_down']}"
+            f" in {fields['duration']:.3f}s"
         )
         access_log.info("{summary}", summary=summary, **fields)
 

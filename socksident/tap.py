@@ -7,7 +7,9 @@ import math
 import signal
 from typing import Any, Optional, Sequence, cast
 
-from twisted.application import service, strports
+from twisted.application import internet, service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
@@ -37,6 +39,20 @@ def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise usage.UsageError(f"--{name} must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _endpoint(description: str) -> Any:
+    """Parse a `--port` now, so that a typo is a usage error, not a traceback.
+
+    twistd has installed its reactor (`--reactor`) before it parses our
+    options, so importing it here picks that one.
+    """
+    from twisted.internet import reactor
+
+    try:
+        return serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise usage.UsageError(f"--port {description!r}: {error}")
 
 
 def _ip_address(name: str, value: Optional[str]) -> Optional[str]:
@@ -124,6 +140,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
+        self["endpoints"] = [_endpoint(description) for description in self["ports"]]
         idle = _seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
         try:
             ident_port = int(self["ident-port"])
@@ -166,7 +183,8 @@ def _expand_bare_ident(argv: list[str]) -> list[str]:
             return expanded + argv[index:]
         if argument == "--ident":
             following = argv[index + 1] if index + 1 < len(argv) else None
-            if following in _IDENT_MODES:
+            if following is not None and not following.startswith("-"):
+                # socks4 takes no positional arguments: this is a mode.
                 expanded.append(f"--ident={following}")
                 index += 2
                 continue
@@ -207,19 +225,29 @@ class _Announce(service.Service):
         log.info("socksident SOCKS4/4A server listening on {ports}", ports=", ".join(self.ports))
 
 
-def makeService(options: Options) -> service.MultiService:
-    from twisted.internet import reactor
+class _Listener(internet.StreamServerEndpointService):
+    """A `--port` that stops start-up, naming itself, when it cannot listen.
 
+    Twisted's default is to log the failure and run on, serving nothing.
+    """
+
+    def __init__(self, description: str, endpoint: Any, factory: SOCKS4ServerFactory) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True  # as twisted.application.strports does
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            raise SystemExit(f"socksident: --port {self.description}: {error}")
+
+
+def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     factory = SOCKS4ServerFactory(options["policy"], options["settings"])
-    for description in options["ports"]:
-        try:
-            listener = strports.service(description, factory, reactor)
-        except (ValueError, TypeError, KeyError) as error:
-            raise usage.UsageError(f"--port {description!r}: {error}")
-        # strports makes a port that cannot listen stop twistd at start-up
-        # instead of leaving a server running that serves nothing.
-        listener.setServiceParent(top)
+    for description, endpoint in zip(options["ports"], options["endpoints"]):
+        _Listener(description, endpoint, factory).setServiceParent(top)
     if hasattr(options["policy"], "reload"):
         _ReloadOnHangup(options["policy"]).setServiceParent(top)
     _Announce(options["ports"]).setServiceParent(top)

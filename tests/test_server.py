@@ -528,3 +528,12 @@ def test_a_name_cannot_bring_our_loopback_in_beside_a_public_address():
     h.resolver.answer("192.0.2.9", "127.0.0.1")
     assert h.client.value() == build_reply(ReplyCode.REJECTED)
     assert h.reactor.tcpClients == []
+
+
+def test_a_request_that_does_not_parse_is_logged_without_empty_fields(access_events):
+    h = Harness()
+    h.send(bytes([4, 3, 0, 80, 1, 2, 3, 4]))
+    [event] = access_events
+    text = event["log_format"].format(**event)
+    assert text.startswith("127.0.0.1:40000 (no valid request) -> 91 (unknown command code 3)")
+    assert "None" not in text
