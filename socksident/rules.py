@@ -665,7 +665,7 @@ class RulesPolicy:
 
     Each check works on the rule set current when it starts, so a reload
     never changes a decision already under way.  `run_command` receives each
-    expanded command (the server passes `socksident.commands.run_command`);
+    expanded command (twistd passes a `socksident.commands.CommandRunner`);
     None runs nothing.
     """
 
