@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import signal
+import socket
 from typing import Any, Optional, Sequence, cast
 
 from twisted.application import internet, service
@@ -55,13 +56,23 @@ def _endpoint(description: str) -> Any:
         raise usage.UsageError(f"--port {description!r}: {error}")
 
 
-def _ip_address(name: str, value: Optional[str]) -> Optional[str]:
+def _local_address(name: str, value: Optional[str]) -> Optional[str]:
+    """An IP address of this host: every BIND would fail on any other."""
     if value is None:
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         raise usage.UsageError(f"--{name} takes an IP address, not {value!r}")
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError as error:
+            raise usage.UsageError(
+                f"--{name} {value}: not an address of this host ({error.strerror})"
+            )
+    return str(address)
 
 
 def _port_range(value: str) -> tuple[int, int]:
@@ -157,7 +168,7 @@ class Options(usage.Options):
             ident_port=ident_port,
             bind_without_connect=bool(self["bind-without-connect"]),
             bind_ports=_port_range(self["bind-ports"]) if self["bind-ports"] else None,
-            bind_address=_ip_address("bind-address", self["bind-address"]),
+            bind_address=_local_address("bind-address", self["bind-address"]),
         )
         self["policy"] = self._policy()
 

@@ -53,12 +53,12 @@ def test_timeouts_and_bind_settings():
     settings = parse(
         "--request-timeout", "5", "--connect-timeout", "7.5", "--bind-timeout", "9",
         "--idle-timeout", "600", "--ident-timeout", "3", "--ident-port", "1113",
-        "--bind-ports", "40000-40010", "--bind-without-connect", "--bind-address", "192.0.2.1",
+        "--bind-ports", "40000-40010", "--bind-without-connect", "--bind-address", "127.0.0.2",
     )["settings"]
     assert (settings.request_timeout, settings.connect_timeout, settings.bind_timeout) == (5, 7.5, 9)
     assert (settings.idle_timeout, settings.ident_timeout, settings.ident_port) == (600, 3, 1113)
     assert settings.bind_ports == (40000, 40010) and settings.bind_without_connect
-    assert settings.bind_address == "192.0.2.1"
+    assert settings.bind_address == "127.0.0.2"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,7 @@ def test_timeouts_and_bind_settings():
         (["--bind-ports", "a-b"], "--bind-ports takes LOW-HIGH"),
         (["--ident-port", "70000"], "--ident-port takes a port number"),
         (["--bind-address", "outside"], "--bind-address takes an IP address"),
+        (["--bind-address", "192.0.2.1"], "--bind-address 192.0.2.1: not an address of this host"),
         (["stray"], "Wrong number of arguments"),
     ],
 )
