@@ -4,18 +4,22 @@ Run by tests/integration/test_ident_oidentd.py as root under ``unshare -n``;
 it refuses to run in the namespace it was started from, so it never binds
 port 113 of the real machine.  It brings ``lo`` up, starts
 
-- oidentd in the foreground on 127.0.0.1:113 with a system-wide config that
-  denies every capability (everyone answers with their real name), except
-  that the user ``daemon`` is forced to hide (ERROR : HIDDEN-USER);
+- oidentd in the foreground on 127.0.0.1:113 and [::1]:113 with a
+  system-wide config that denies every capability (everyone answers with
+  their real name), except that the user ``daemon`` is forced to hide
+  (ERROR : HIDDEN-USER);
 - a "silent identd" on 127.0.0.1:1113 that accepts connections and never
   answers (the kernel completes the handshake; nobody calls accept);
 - an echo server and an HTTP server as destinations;
-- three twistd socks4 servers: strict (bare ``--ident``) on 1080, lenient
+- four twistd socks4 servers: strict (bare ``--ident``) on 1080, lenient
   (``--ident=check``) on 1081, strict with ``--ident-port 1113
-  --ident-timeout 1`` on 1082;
+  --ident-timeout 1`` on 1082, all on 127.0.0.1, and strict on [::1]:1083
+  (its ident queries go to [::1]:113 from ::1; the destinations stay IPv4,
+  as a SOCKS4 DSTIP is);
 
-then runs the clients case by case (a raw SOCKS4 probe, and curl, as root,
-nobody and daemon), stops oidentd and runs the no-identd cases, waits for
+then runs the clients case by case (a raw SOCKS4 probe over IPv4 or IPv6,
+and curl, as root, nobody and daemon), stops oidentd and runs the no-identd
+cases, waits for
 each request's access-log line, stops everything and prints one JSON object
 on stdout.  Every wait has a deadline.
 """
@@ -45,12 +49,14 @@ PROBE = HERE / "socks4_probe.py"
 IDENT_PORT = 113
 SILENT_IDENT_PORT = 1113
 SERVERS = {
-    # name: (port, socks4 options)
-    "require": (1080, ["--ident", "--ident-timeout", "5"]),
-    "check": (1081, ["--ident=check", "--ident-timeout", "5"]),
-    "silent": (1082, ["--ident=require", "--ident-port", str(SILENT_IDENT_PORT),
-                      "--ident-timeout", "1"]),
+    # name: (listening address, port, socks4 options)
+    "require": ("127.0.0.1", 1080, ["--ident", "--ident-timeout", "5"]),
+    "check": ("127.0.0.1", 1081, ["--ident=check", "--ident-timeout", "5"]),
+    "silent": ("127.0.0.1", 1082, ["--ident=require", "--ident-port",
+                                   str(SILENT_IDENT_PORT), "--ident-timeout", "1"]),
+    "require6": ("::1", 1083, ["--ident", "--ident-timeout", "5"]),
 }
+IDENT_ADDRESSES = ("127.0.0.1", "::1")
 # System-wide oidentd.conf: no user may hide, spoof or randomise (these are
 # oidentd's defaults, spelled out so that a distribution default cannot
 # change them), and "daemon" is forced to hide, for a real ERROR answer.
@@ -76,28 +82,32 @@ user daemon {
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
              "LC_ALL": "C", "HOME": "/"}
 CURL_CODE = re.compile(r"SOCKS4 connection to \S+ \((\d+)\)")
+# oidentd: "Connection from localhost (127.0.0.1):47002", or "Connection from
+# ::1:40514" when the address has no name.
+OIDENTD_PEER = re.compile(r"Connection from (?:\S+ \((?P<address>[^)]*)\)|(?P<bare>\S+)):\d+$")
 
 
 def log(message: str) -> None:
     print(f"[scenario {time.monotonic():.3f}] {message}", file=sys.stderr, flush=True)
 
 
-def wait_for_port(port: int, deadline: float, proc: Optional[subprocess.Popen] = None) -> None:
+def wait_for_port(host: str, port: int, deadline: float,
+                  proc: Optional[subprocess.Popen] = None) -> None:
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+                raise RuntimeError(f"nothing listens on [{host}]:{port}")
             time.sleep(0.05)
 
 
-def port_refuses(port: int) -> bool:
+def port_refuses(host: str, port: int) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection((host, port), timeout=1).close()
     except ConnectionRefusedError:
         return True
     except OSError:
@@ -193,9 +203,9 @@ def python_for(user: str) -> tuple[Optional[str], str]:
     return None, f"no Python 3 that user {user} can run (tried {', '.join(tried) or 'none'})"
 
 
-def run_probe(as_user: str, python: str, proxy: int, claim: str, host: str, port: int,
+def run_probe(as_user: str, python: str, proxy: str, claim: str, host: str, port: int,
               token: str) -> dict:
-    args = [str(proxy), claim, host, str(port), token]
+    args = [proxy, claim, host, str(port), token]
     if as_user == "root":
         command = [sys.executable, str(PROBE), *args]
         stdin = None
@@ -256,6 +266,9 @@ CASES = [
     ("check-root-as-root", "check", "probe", "root", "root", "127.0.0.1", 1),
     ("check-root-claims-alice", "check", "probe", "root", "alice", "127.0.0.1", 1),
     ("check-hidden-daemon-curl", "check", "curl", "daemon", "daemon", "127.0.0.1", 1),
+    # the client reaches the proxy over IPv6; the proxy asks oidentd on [::1]:113
+    ("ipv6-require-root-as-root", "require6", "probe", "root", "root", "127.0.0.1", 1),
+    ("ipv6-require-root-claims-alice", "require6", "probe", "root", "alice", "127.0.0.1", 1),
     ("silent-identd-times-out", "silent", "probe", "root", "root", "127.0.0.1", 1),
     ("require-no-identd", "require", "probe", "root", "root", "127.0.0.1", 2),
     ("check-no-identd", "check", "probe", "root", "root", "127.0.0.1", 2),
@@ -264,11 +277,32 @@ CASES = [
 
 
 def access_line(log_text: str, source_port: int) -> Optional[str]:
-    needle = f"] 127.0.0.1:{source_port} user="
+    """The access line of the request from `source_port`, whatever the client's address."""
+    pattern = re.compile(rf"\] \S+:{source_port} user=")
     for line in log_text.splitlines():
-        if "[socksident.access#" in line and needle in line:
+        if "[socksident.access#" in line and pattern.search(line):
             return line
     return None
+
+
+def has_ipv6_loopback() -> tuple[bool, str]:
+    """Whether ::1 exists in this namespace (not where the kernel has no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as error:
+        return False, f"no IPv6 loopback ::1 in the namespace: {error}"
+    return True, ""
+
+
+def tcp_listeners() -> str:
+    """`ss -ltn` inside the namespace, for the report."""
+    try:
+        done = subprocess.run(["ss", "-ltnH"], capture_output=True, timeout=10,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"ss failed: {error}"
+    return done.stdout.decode(errors="replace")
 
 
 def run(workdir: Path, twistd: str, oidentd: str) -> dict:
@@ -281,12 +315,18 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
         conf.write_text(OIDENTD_CONF)
         conf.chmod(0o644)
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+        ipv6, no_ipv6 = has_ipv6_loopback()
+        ident_addresses = [a for a in IDENT_ADDRESSES if ipv6 or ":" not in a]
+        servers_here = {name: spec for name, spec in SERVERS.items()
+                        if ipv6 or ":" not in spec[0]}
 
         # -i: foreground; -S: log to stderr, not syslog; -C: our config only;
-        # -a/-p: 127.0.0.1:113; -t: close idle query connections after 10 s.
+        # -a (one per address)/-p: 127.0.0.1:113 and [::1]:113; -t: close idle
+        # query connections after 10 s.
         oidentd_log = (workdir / "oidentd.log").open("wb")
+        addresses = [arg for a in ident_addresses for arg in ("-a", a)]
         oident = subprocess.Popen(
-            [oidentd, "-i", "-S", "-C", str(conf), "-a", "127.0.0.1", "-p", str(IDENT_PORT),
+            [oidentd, "-i", "-S", "-C", str(conf), *addresses, "-p", str(IDENT_PORT),
              "-t", "10"],
             stdout=oidentd_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(oident)
@@ -299,30 +339,40 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
         echo_port, http_port = echo.server_address[1], web.server_address[1]
 
         servers = {}
-        for name, (port, options) in SERVERS.items():
+        for name, (host, port, options) in servers_here.items():
             logfile = workdir / f"socks-{name}.log"
+            escaped = host.replace(":", "\\:")  # endpoint syntax: tcp6:1083:interface=\:\:1
+            endpoint = (f"tcp6:{port}:interface={escaped}" if ":" in host
+                        else f"tcp:{port}:interface={host}")
             proc = subprocess.Popen(
                 [twistd, "-n", "--pidfile=", "--logfile", str(logfile), "socks4",
-                 "--port", f"tcp:{port}:interface=127.0.0.1", *options],
+                 "--port", endpoint, *options],
                 cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL)
             procs.append(proc)
-            servers[name] = (port, proc, logfile)
+            servers[name] = (host, port, proc, logfile)
         deadline = time.monotonic() + 30
-        wait_for_port(IDENT_PORT, deadline, oident)
-        for port, proc, _ in servers.values():
-            wait_for_port(port, deadline, proc)
-        log("oidentd and servers are up")
+        for address in ident_addresses:
+            wait_for_port(address, IDENT_PORT, deadline, oident)
+        for host, port, proc, _ in servers.values():
+            wait_for_port(host, port, deadline, proc)
+        out["listeners"] = tcp_listeners()
+        log("oidentd and servers are up:\n" + out["listeners"])
 
         pythons: dict = {}
         local_port = 20000  # below the ephemeral range: no collisions
+        assert [c[-1] for c in CASES] == sorted(c[-1] for c in CASES), "phase 1 first"
         for name, server, client, as_user, claim, dest, phase in CASES:
             if phase == 2 and oident.poll() is None:
                 stop(oident)
                 out["oidentd_exit"] = oident.returncode
-                out["ident_port_refuses_after_stop"] = port_refuses(IDENT_PORT)
+                out["ident_port_refuses_after_stop"] = {
+                    address: port_refuses(address, IDENT_PORT) for address in ident_addresses}
                 log("oidentd stopped")
-            proxy = servers[server][0]
+            if server not in servers:
+                out["skipped"][name] = no_ipv6
+                continue
+            host, proxy, _, _ = servers[server]
             if as_user != "root":
                 try:
                     import pwd
@@ -333,6 +383,7 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
                     continue
             if client == "curl":
                 local_port += 1
+                assert ":" not in host, "curl cases use IPv4 proxies"
                 result = run_curl(as_user, proxy, claim, http_port, f"/{name}", local_port)
             else:
                 if as_user not in pythons:
@@ -341,9 +392,10 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
                 if as_user != "root" and python is None:
                     out["skipped"][name] = why
                     continue
-                result = run_probe(as_user, python, proxy, claim, dest, echo_port, name)
+                where = f"[{host}]:{proxy}" if ":" in host else f"{host}:{proxy}"
+                result = run_probe(as_user, python, where, claim, dest, echo_port, name)
             result.update(server=server, client=client, as_user=as_user, claim=claim,
-                          dest=dest, proxy_port=proxy)
+                          dest=dest, proxy_host=host, proxy_port=proxy)
             out["cases"][name] = result
             log(f"{name}: {result.get('code')}")
 
@@ -352,8 +404,8 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
         while True:
             missing = []
             for name, result in out["cases"].items():
-                text = servers[result["server"]][2].read_text(errors="replace") \
-                    if servers[result["server"]][2].exists() else ""
+                logfile = servers[result["server"]][3]
+                text = logfile.read_text(errors="replace") if logfile.exists() else ""
                 result["log_line"] = access_line(text, result.get("source_port", -1))
                 if result["log_line"] is None:
                     missing.append(name)
@@ -373,14 +425,23 @@ def run(workdir: Path, twistd: str, oidentd: str) -> dict:
 
     oidentd_text = (workdir / "oidentd.log").read_text(errors="replace")
     out["oidentd_log"] = oidentd_text
+    oidentd_lines = oidentd_text.splitlines()
     for name, result in out["cases"].items():
         port = result.get("source_port")
-        result["oidentd_lines"] = [
-            line for line in oidentd_text.splitlines() if f"] {port} , " in line
-            or f"lookup: {port} , " in line]
+        matching = [i for i, line in enumerate(oidentd_lines)
+                    if f"] {port} , " in line or f"lookup: {port} , " in line]
+        result["oidentd_lines"] = [oidentd_lines[i] for i in matching]
+        # Who sent the query: the "Connection from" line just before the answer
+        # (cases run one at a time, so queries do not interleave).
+        result["oidentd_peer"] = None
+        for line in reversed(oidentd_lines[:matching[0]] if matching else []):
+            peer = OIDENTD_PEER.match(line)
+            if peer:
+                result["oidentd_peer"] = peer.group("address") or peer.group("bare")
+                break
     out["server_logs"] = {
         name: (logfile.read_text(errors="replace") if logfile.exists() else "")
-        for name, (_, _, logfile) in servers.items()}
+        for name, (_, _, _, logfile) in servers.items()}
     return out
 
 

@@ -6,10 +6,13 @@ without reading files the user may not reach.  The SOCKS request and a token
 line go out in one write; on reply 90 the probe reads the echoed token back,
 proving that data flows through the relay.
 
-    python3 socks4_probe.py PROXY_PORT USERID DEST_HOST DEST_PORT TOKEN
+    python3 socks4_probe.py PROXY USERID DEST_HOST DEST_PORT TOKEN
 
-DEST_HOST is an IPv4 address (SOCKS4) or a name (SOCKS4A, resolved by the
-proxy).  Every wait is bounded; the output is one JSON object on stdout.
+PROXY is a port on 127.0.0.1, IPV4:PORT, or [IPV6]:PORT (``[::1]:1083``,
+in brackets): the probe then connects over IPv6 (AF_INET6).  DEST_HOST
+is an IPv4 address (SOCKS4) or a name (SOCKS4A, resolved by the proxy).  Every
+wait is bounded; the output is one JSON object on stdout, including the
+address family and the local address the probe connected from.
 """
 
 import ipaddress
@@ -32,6 +35,21 @@ def request_bytes(user: str, host: str, port: int) -> bytes:
     return struct.pack("!BBH", 4, 1, port) + address + user.encode("latin-1") + b"\x00" + name
 
 
+def parse_proxy(spec: str) -> tuple:
+    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT`` -> (family, host, port)."""
+    if spec.isdigit():
+        return socket.AF_INET, "127.0.0.1", int(spec)
+    if spec.startswith("["):
+        host, sep, port = spec[1:].partition("]:")
+    else:
+        host, sep, port = spec.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"put an IPv6 proxy address in brackets: {spec!r}")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"PROXY must be PORT, HOST:PORT or [IPV6]:PORT, not {spec!r}")
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), host, int(port)
+
+
 def recv_exactly(sock: socket.socket, count: int) -> bytes:
     data = b""
     while len(data) < count:
@@ -42,13 +60,17 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
     return data
 
 
-def probe(proxy_port: int, user: str, host: str, port: int, token: str) -> dict:
-    result = {"user": user, "host": host, "port": port, "token": token}
+def probe(proxy: str, user: str, host: str, port: int, token: str) -> dict:
+    family, proxy_host, proxy_port = parse_proxy(proxy)
+    result = {"user": user, "host": host, "port": port, "token": token,
+              "proxy": [proxy_host, proxy_port],
+              "family": "AF_INET6" if family == socket.AF_INET6 else "AF_INET"}
     started = time.monotonic()
-    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=TIMEOUT)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.settimeout(TIMEOUT)
-        result["source_port"] = sock.getsockname()[1]
+        sock.connect((proxy_host, proxy_port))
+        result["source_host"], result["source_port"] = sock.getsockname()[:2]
         line = token.encode("ascii") + b"\n"
         sock.sendall(request_bytes(user, host, port) + line)
         reply = recv_exactly(sock, 8)
@@ -73,8 +95,8 @@ def probe(proxy_port: int, user: str, host: str, port: int, token: str) -> dict:
 
 
 def main(argv: list) -> int:
-    proxy_port, user, host, port, token = argv
-    print(json.dumps(probe(int(proxy_port), user, host, int(port), token)))
+    proxy, user, host, port, token = argv
+    print(json.dumps(probe(proxy, user, host, int(port), token)))
     return 0
 
 

@@ -1,14 +1,16 @@
 """IDENT against the real oidentd (Debian's), in a private network namespace.
 
 `ident_oidentd_scenario.py` runs under ``unshare -n``, so oidentd can bind
-127.0.0.1:113 without touching the machine: it starts oidentd, three twistd
-``socks4`` servers (``--ident``, ``--ident=check``, and ``--ident`` against
-an identd that never answers) and destinations, runs real clients as root,
-nobody and daemon (a raw SOCKS4 probe that sees the exact reply code, and
-curl), stops oidentd for the no-identd cases, and reports JSON.  The scenario
-runs once per module; each test below checks one case: the reply code, that
-data flows exactly when granted, the access-log line (code, claimed user,
-ident outcome, reason) and what oidentd itself logged.
+127.0.0.1:113 and [::1]:113 without touching the machine: it starts oidentd,
+four twistd ``socks4`` servers (``--ident``, ``--ident=check``, ``--ident``
+against an identd that never answers, and ``--ident`` listening on ::1) and
+destinations, runs real clients as root, nobody and daemon (a raw SOCKS4 probe
+over IPv4 or IPv6 that sees the exact reply code, and curl), stops oidentd for
+the no-identd cases, and reports JSON.  The scenario runs once per module;
+each test below checks one case: the reply code, that data flows exactly when
+granted, the access-log line (client address, code, claimed user, ident
+outcome, reason) and what oidentd itself logged, and from which address it
+was asked.
 
 Needs root (network namespaces), unshare (util-linux), ip (iproute2),
 runuser (util-linux), curl and oidentd; `make test` installs the packages.
@@ -51,6 +53,7 @@ class Expect:
     ident: str  # the access log's ident= field
     reason: str  # a piece of the access log's reason
     oidentd: Optional[str]  # the user oidentd logged for the query; None: not asked
+    client: str = "127.0.0.1"  # the client's address, and so the ident query's source
 
 
 EXPECTED = {
@@ -81,7 +84,14 @@ EXPECTED = {
         90, "no-answer", "unverified, no ident answer: connection refused", None),
     "check-no-identd-claims-alice": Expect(
         90, "no-answer", "unverified, no ident answer: connection refused", None),
+    # the client reaches a proxy on [::1] over IPv6 (the destination stays
+    # IPv4); the proxy asks oidentd on [::1]:113 from ::1
+    "ipv6-require-root-as-root": Expect(
+        90, "user:'root'", "loopback client", "root", client="::1"),
+    "ipv6-require-root-claims-alice": Expect(
+        93, "user:'root'", "identd names 'root', request claims 'alice'", "root", client="::1"),
 }
+IPV6_CASES = {name for name, expect in EXPECTED.items() if ":" in expect.client}
 
 
 def _skip_reason() -> Optional[str]:
@@ -192,6 +202,9 @@ def test_access_log_line(scenario: dict, name: str) -> None:
     case, expect = _case(scenario, name), EXPECTED[name]
     line = case["log_line"]
     assert line is not None, "no access-log line for this request" + _context(scenario, case)
+    if case["client"] == "probe":  # the probe's own socket: IPv6 for the IPv6 cases
+        assert case["source_host"] == expect.client, _context(scenario, case)
+    assert f"] {expect.client}:{case['source_port']} user=" in line, line
     assert f" user={case['claim']!r} " in line, line
     assert f" ident={expect.ident} " in line, line
     assert f" -> {expect.code} (" in line, line
@@ -208,11 +221,15 @@ def test_oidentd_was_asked(scenario: dict, name: str) -> None:
         return
     wanted = f"{case['source_port']} , {case['proxy_port']} : {expect.oidentd} "
     assert any(wanted in line for line in lines), f"{wanted!r} not in {lines!r}"
+    # the query came from the client's address: over IPv6 for an IPv6 client
+    assert case["oidentd_peer"] == expect.client, _context(scenario, case)
 
 
 def test_oidentd_was_really_stopped(scenario: dict) -> None:
-    """The no-identd cases ran with nothing on port 113."""
-    assert scenario["ident_port_refuses_after_stop"] is True, scenario["stderr"]
+    """The no-identd cases ran with nothing on port 113, IPv4 or IPv6."""
+    refuses = scenario["ident_port_refuses_after_stop"]
+    assert "127.0.0.1" in refuses, scenario["stderr"]
+    assert refuses == {address: True for address in refuses}, scenario["stderr"]
 
 
 def test_ident_timeout_is_enforced(scenario: dict) -> None:
@@ -223,5 +240,9 @@ def test_ident_timeout_is_enforced(scenario: dict) -> None:
 
 def test_every_case_ran(scenario: dict) -> None:
     assert set(scenario["cases"]) | set(scenario["skipped"]) == set(EXPECTED)
-    # only a client that needs a Python runnable by nobody may be skipped
-    assert set(scenario["skipped"]) <= {"require-nobody-probe"}, scenario["skipped"]
+    # only a client that needs a Python runnable by nobody may be skipped, and
+    # the IPv6 cases on a kernel without IPv6
+    skipped = scenario["skipped"]
+    assert set(skipped) <= {"require-nobody-probe"} | IPV6_CASES, skipped
+    assert all(skipped[name].startswith("no IPv6 loopback")
+               for name in IPV6_CASES & set(skipped)), skipped
