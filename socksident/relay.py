@@ -130,11 +130,6 @@ class Relay:
         if side.peer.lost:
             self._finish()
 
-    def close(self) -> None:
-        """Close both connections after flushing what each has pending."""
-        self._close(self.client)
-        self._close(self.remote)
-
     def _close(self, side: RelaySide) -> None:
         if not side.lost:
             side.unregister_producer()

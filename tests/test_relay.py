@@ -271,14 +271,6 @@ def test_loss_after_a_half_close_finishes():
     assert p.finished == [p.relay]
 
 
-def test_close_unregisters_then_closes_both():
-    p = Pair()
-    p.relay.close()
-    assert p.client.calls() == [("unregisterProducer",), ("loseConnection",)]
-    assert p.remote.calls() == [("unregisterProducer",), ("loseConnection",)]
-    assert p.finished == []
-
-
 # -- the idle timer ------------------------------------------------------------------------
 
 
