@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,12 @@ def test_the_reactor_twistd_was_told_to_use_is_the_one_serving():
          "--port", f"tcp:{port}:interface=127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    # Reading stops at the latest when this kills a twistd that hangs silent.
+    watchdog = threading.Timer(20, process.kill)
+    watchdog.start()
     try:
         lines = []
-        for line in process.stdout:  # bounded: the process is killed in finally
+        for line in process.stdout:
             lines.append(line)
             if "listening on" in line or "Traceback" in line:
                 break
@@ -41,6 +45,7 @@ def test_the_reactor_twistd_was_told_to_use_is_the_one_serving():
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
     finally:
+        watchdog.cancel()
         process.kill()
         process.wait(timeout=10)
 
