@@ -381,10 +381,7 @@ class SOCKS4Server(Protocol):
                 ident_port=self.settings.ident_port,
                 timeout=self.settings.ident_timeout,
             )
-            # A query fails only when cancelled, which its last waiter does.
-            self._ident_query.addCallbacks(
-                self._ident_answered, lambda failure: failure.trap(CancelledError)
-            )
+            self._ident_query.addCallbacks(self._ident_answered, self._ident_failed)
         return waiter
 
     def _ident_answered(self, answer: IdentAnswer) -> None:
@@ -393,6 +390,14 @@ class SOCKS4Server(Protocol):
         for waiter in waiters:
             if not waiter.called:
                 waiter.callback(answer)
+
+    def _ident_failed(self, failure: Failure) -> None:
+        """The query's own cancellation (its last waiter's doing) or a bug in an
+        injected `ident_query`: whoever still waits learns of it at once."""
+        waiters, self._ident_waiters = self._ident_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(failure)
 
     def _ident_waiter_cancelled(self, waiter: "Deferred[IdentAnswer]") -> None:
         """The query stops when its last waiter gives up, not before."""

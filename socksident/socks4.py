@@ -202,7 +202,10 @@ def build_reply(
 ) -> bytes:
     """The 8-byte reply: VN 0, CD, DSTPORT, DSTIP."""
     if isinstance(address, str):
-        address = socket.inet_aton(address)
+        try:
+            address = socket.inet_pton(socket.AF_INET, address)
+        except OSError:
+            raise ValueError(f"not a dotted-quad IPv4 address: {address!r}") from None
     return _REPLY.pack(REPLY_VERSION, int(code), port, address)
 
 

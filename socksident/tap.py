@@ -236,10 +236,17 @@ class _Announce(service.Service):
         log.info("socksident SOCKS4/4A server listening on {ports}", ports=", ".join(self.ports))
 
 
+class ListenError(Exception):
+    """A `--port` that cannot listen; the message leads with the port, since
+    a daemonizing twistd passes on only its first 100 bytes."""
+
+
 class _Listener(internet.StreamServerEndpointService):
     """A `--port` that stops start-up, naming itself, when it cannot listen.
 
-    Twisted's default is to log the failure and run on, serving nothing.
+    Twisted's default is to log the failure and run on, serving nothing.  An
+    ordinary exception (not SystemExit) lets a daemonizing twistd report it
+    to the waiting parent and remove its pid file.
     """
 
     def __init__(self, description: str, endpoint: Any, factory: SOCKS4ServerFactory) -> None:
@@ -251,7 +258,7 @@ class _Listener(internet.StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise SystemExit(f"socksident: --port {self.description}: {error}")
+            raise ListenError(f"--port {self.description}: {error.socketError}") from None
 
 
 def makeService(options: Options) -> service.MultiService:

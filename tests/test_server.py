@@ -537,3 +537,11 @@ def test_a_request_that_does_not_parse_is_logged_without_empty_fields(access_eve
     text = event["log_format"].format(**event)
     assert text.startswith("127.0.0.1:40000 (no valid request) -> 91 (unknown command code 3)")
     assert "None" not in text
+
+
+def test_a_failing_ident_query_is_an_internal_error_at_once(access_events):
+    h = ident_harness(IdentMode.REQUIRE)
+    h.ident.pending[0].errback(RuntimeError("ident client bug"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert "internal error" in access_events[0]["reason"]
+    assert h.reactor.getDelayedCalls() == []

@@ -144,3 +144,9 @@ def test_build_request_round_trips():
     assert build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") == CONNECT
     data = build_request(Command.CONNECT, 80, "", "bob", hostname="Example.COM")
     assert data == CONNECT_4A
+
+
+@pytest.mark.parametrize("bad", ["127.1", "1.2.3.4 junk", "::1", "256.0.0.1"])
+def test_reply_addresses_must_be_dotted_quads(bad):
+    with pytest.raises(ValueError, match="dotted-quad"):
+        build_reply(ReplyCode.GRANTED, 1, bad)

@@ -6,7 +6,7 @@ from twisted.python import usage
 
 from socksident.ident import IdentMode
 from socksident.policy import DefaultPolicy
-from socksident.tap import DEFAULT_PORT, Options, makeService
+from socksident.tap import DEFAULT_PORT, ListenError, Options, makeService
 
 
 def parse(*argv: str) -> Options:
@@ -193,7 +193,7 @@ def test_a_port_that_cannot_listen_stops_start_up():
     try:
         port = taken.getsockname()[1]
         top = makeService(parse("--port", f"tcp:{port}:interface=127.0.0.1"))
-        with pytest.raises(SystemExit, match=f"--port tcp:{port}:interface=127.0.0.1: .*in use"):
+        with pytest.raises(ListenError, match=f"--port tcp:{port}:interface=127.0.0.1: .*in use"):
             top.privilegedStartService()
     finally:
         taken.close()

@@ -16,8 +16,9 @@ TWISTD = Path(sys.executable).parent / "twistd"
 def twistd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     if not TWISTD.exists():
         pytest.fail(f"no twistd next to {sys.executable}: is the package installed?")
+    pidfile = [] if any(a.startswith("--pidfile") for a in args) else ["--pidfile="]
     return subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", *args],
+        [str(TWISTD), "-n", *pidfile, *args],
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -60,13 +61,32 @@ def test_an_endpoint_that_does_not_parse_is_a_usage_error():
     assert "Traceback" not in run.stdout + run.stderr
 
 
-def test_a_port_in_use_stops_start_up_naming_it():
+def test_a_port_in_use_stops_start_up_naming_it(tmp_path):
+    pidfile = tmp_path / "twistd.pid"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        run = twistd("socks4", "--port", f"tcp:{port}:interface=127.0.0.1")
+        run = twistd(f"--pidfile={pidfile}", "socks4", "--port", f"tcp:{port}:interface=127.0.0.1")
     assert run.returncode == 1
     output = run.stdout + run.stderr
-    assert f"socksident: --port tcp:{port}:interface=127.0.0.1: Couldn't listen" in output
+    assert f"ListenError: --port tcp:{port}:interface=127.0.0.1: [Errno 98]" in output
     assert "listening on" not in output
+    assert not pidfile.exists()
+
+
+def test_a_daemon_whose_port_is_in_use_reports_it_and_exits(tmp_path):
+    """The waiting parent must hear of the failure, not wait for ever."""
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [str(TWISTD), f"--pidfile={pidfile}", f"--logfile={logfile}", "socks4",
+             "--port", f"tcp:{port}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 1
+    assert f"ListenError: --port tcp:{port}:interface=127.0.0.1" in run.stdout + run.stderr
+    assert not pidfile.exists()
