@@ -283,6 +283,18 @@ def recv_exactly(sock: Any, n: int) -> bytes:
     return bytes(out)
 
 
+def recv_until_eof(sock: Any, limit: int = 256 * 1024 * 1024) -> bytes:
+    """Read a blocking (plain or TLS) socket to its end; fail past `limit` bytes."""
+    out = bytearray()
+    while True:
+        chunk = sock.recv(256 * 1024)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+        if len(out) > limit:
+            raise AssertionError(f"more than {limit} bytes before EOF")
+
+
 @implementer(IHalfCloseableProtocol)
 class SpeakThenHalfClose(Protocol):
     """Sends `greeting`, shuts its write side at once, then reads until the peer's EOF.

@@ -48,6 +48,7 @@ from .conftest import (
     bounded,
     executable,
     recv_exactly,
+    recv_until_eof,
     skip_unless_strict,
     unused_port,
     wait_until,
@@ -58,17 +59,6 @@ CLIENT_TIMEOUT = 20.0  # per blocking socket operation in client threads
 
 
 # -- blocking SOCKS4 client helpers (run them in a thread) --------------------
-
-
-def recv_until_eof(sock: socket.socket, limit: int = 256 * MiB) -> bytes:
-    out = bytearray()
-    while True:
-        chunk = sock.recv(256 * 1024)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-        if len(out) > limit:
-            raise AssertionError(f"more than {limit} bytes before EOF")
 
 
 def socks4_connect(

@@ -32,7 +32,14 @@ from twisted.internet.protocol import Factory, Protocol
 from socksident.server import SOCKS4Server, SOCKS4ServerFactory
 from socksident.socks4 import Command, ReplyCode, build_request, parse_reply
 
-from .conftest import LOOPBACK, SpeakThenHalfClose, bounded, recv_exactly, wait_until
+from .conftest import (
+    LOOPBACK,
+    SpeakThenHalfClose,
+    bounded,
+    recv_exactly,
+    recv_until_eof,
+    wait_until,
+)
 
 # Twisted's ssl: endpoint hands pyOpenSSL objects to pyOpenSSL; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
@@ -118,17 +125,6 @@ def tls_connect(proxy: TLSProxy) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(proxy.cert))  # verifies 127.0.0.1
     raw = socket.create_connection((LOOPBACK, proxy.port), timeout=CLIENT_TIMEOUT)
     return context.wrap_socket(raw, server_hostname=LOOPBACK, suppress_ragged_eofs=False)
-
-
-def recv_until_eof(sock: ssl.SSLSocket, limit: int = 16 * MiB) -> bytes:
-    out = bytearray()
-    while True:
-        chunk = sock.recv(256 * 1024)
-        if not chunk:
-            return bytes(out)
-        out += chunk
-        if len(out) > limit:
-            raise AssertionError(f"more than {limit} bytes before EOF")
 
 
 def socks4_connect(proxy: TLSProxy, dest_port: int) -> tuple[ssl.SSLSocket, tuple[int, int, str]]:
