@@ -1,14 +1,16 @@
 """BIND's listening socket: open it, take exactly one connection, close it.
 
 A BIND listener that outlives its client is a port left open on the proxy
-for anyone to reach, so `OneShotListener.close` is idempotent and the
-server calls it on every path: success, refusal, time limit, client gone.
+for anyone to reach, so `OneShotListener.close` is idempotent and
+`accept_from` calls it on every path: success, refusal, time limit (a
+cancel), client gone (a cancel).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Optional
+from collections import Counter
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -17,10 +19,20 @@ from twisted.internet.protocol import ServerFactory
 
 from socksident.address import host_and_port
 from socksident.relay import RemoteProtocol
+from socksident.socks4 import RequestRejectedOrFailed
+
+__all__ = [
+    "NoFreePort",
+    "OneShotListener",
+    "OpenConnects",
+    "accept_from",
+    "candidate_ports",
+    "listen_once",
+]
 
 
-class NoFreePort(Exception):
-    """Every port the BIND range allows is taken."""
+class NoFreePort(RequestRejectedOrFailed):
+    """Every port the BIND range allows is taken: 91."""
 
 
 class _InboundProtocol(RemoteProtocol):
@@ -70,6 +82,23 @@ class OneShotListener:
             port.stopListening()
 
 
+class OpenConnects(Counter[tuple[str, str]]):
+    """The CONNECT relays open now, counted per (client host, destination).
+
+    The protocol document asks that BIND follow a primary CONNECT to the
+    same application server; this is where the server looks that up.
+    """
+
+    def count(self, client_host: str, destination: str, delta: int) -> None:
+        key = (client_host, destination)
+        self[key] += delta
+        if self[key] <= 0:
+            del self[key]
+
+    def any_open(self, client_host: str, destinations: Iterable[str]) -> bool:
+        return any((client_host, d) in self for d in destinations)
+
+
 def candidate_ports(
     port_range: Optional[tuple[int, int]], chooser: random.Random = random.SystemRandom()
 ) -> list[int]:
@@ -100,3 +129,31 @@ def listen_once(
             continue
         return OneShotListener(port, factory)
     raise NoFreePort(f"no free port to listen on at {host}: {last_error}")
+
+
+async def accept_from(
+    reactor: IReactorTCP,
+    host: str,
+    port_range: Optional[tuple[int, int]],
+    addresses: tuple[str, ...],
+    on_listening: Callable[[OneShotListener], None],
+) -> RemoteProtocol:
+    """Listen on `host`, call `on_listening` (BIND's first reply), accept one
+    connection and return it if it comes from one of `addresses`.
+
+    A connection from anywhere else is aborted and refused (91).  The
+    listener is closed before this returns, raises or is cancelled.
+    """
+    listener = listen_once(reactor, host, candidate_ports(port_range))
+    try:
+        on_listening(listener)
+        inbound = await listener.accepted
+    finally:
+        listener.close()
+    peer, _ = host_and_port(inbound.transport.getPeer())
+    if peer not in addresses:
+        inbound.transport.abortConnection()
+        raise RequestRejectedOrFailed(
+            f"BIND connection came from {peer}, not {', '.join(addresses)}"
+        )
+    return inbound

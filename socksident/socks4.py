@@ -4,6 +4,12 @@ The parser is fed bytes in whatever pieces the network delivers and returns
 a typed `Request` once one is complete.  Every way a request can be wrong is
 a `ProtocolError` subclass that knows whether the client deserves a SOCKS4
 reply (91) or only a close, so the Twisted layer never has to guess.
+
+Every refusal, wherever it is decided (the codec, a policy, BIND, a next
+hop), is one `SOCKS4Refusal` subclass per reply code: the server sends its
+``code`` and logs its ``reason``, and the client endpoint raises the same
+classes for the codes a proxy answers.  The names are txsocksx's, so code
+moving from that client changes only an import.
 """
 
 from __future__ import annotations
@@ -14,7 +20,39 @@ import re
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
+
+from socksident.address import ip_of
+
+__all__ = [
+    "HTTP_NOT_A_WEB_PROXY",
+    "SOCKS5_NO_ACCEPTABLE_METHODS",
+    "MAX_HOSTNAME_LENGTH",
+    "MAX_USER_ID_LENGTH",
+    "REFUSALS",
+    "Command",
+    "FieldTooLong",
+    "IdentdMismatch",
+    "IdentdUnreachable",
+    "InvalidHostname",
+    "MalformedRequest",
+    "NotSocks4",
+    "ProtocolError",
+    "ReplyCode",
+    "Request",
+    "RequestParser",
+    "RequestRejectedOrFailed",
+    "SOCKS4Refusal",
+    "UnknownCommand",
+    "build_reply",
+    "build_request",
+    "foreign_protocol_answer",
+    "is_socks4a_marker",
+    "is_valid_hostname",
+    "parse_reply",
+    "refusal_for",
+    "reply_address",
+]
 
 #: Longest USERID we accept, in bytes, not counting its NUL.
 MAX_USER_ID_LENGTH = 255
@@ -69,14 +107,53 @@ class Request:
         return self.hostname if self.hostname is not None else self.address
 
 
+class SOCKS4Refusal(Exception):
+    """A request that ends with the reply `code`; `reason` is for the log."""
+
+    code: ClassVar[ReplyCode]
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RequestRejectedOrFailed(SOCKS4Refusal):
+    """91: refused by policy, or the connection could not be made."""
+
+    code = ReplyCode.REJECTED
+
+
+class IdentdUnreachable(SOCKS4Refusal):
+    """92: no usable answer from the client's identd."""
+
+    code = ReplyCode.IDENTD_UNREACHABLE
+
+
+class IdentdMismatch(SOCKS4Refusal):
+    """93: the identd names another user than the USERID."""
+
+    code = ReplyCode.IDENT_MISMATCH
+
+
+#: The refusal class for each reply code a request can end with.
+REFUSALS: dict[ReplyCode, type[SOCKS4Refusal]] = {
+    cls.code: cls for cls in (RequestRejectedOrFailed, IdentdUnreachable, IdentdMismatch)
+}
+
+
+def refusal_for(code: ReplyCode, reason: str) -> SOCKS4Refusal:
+    """The refusal that answers `code` (91, 92 or 93)."""
+    return REFUSALS[code](reason)
+
+
 class ProtocolError(Exception):
-    """A request that cannot be served.
+    """Bytes that are not a request we can serve.
 
     ``reply`` is the reply code to send before closing, or None when the peer
     does not speak SOCKS4 and a SOCKS4 reply would only be noise to it.
     """
 
-    reply: Optional[ReplyCode] = ReplyCode.REJECTED
+    reply: ClassVar[Optional[ReplyCode]] = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -86,22 +163,26 @@ class ProtocolError(Exception):
 class NotSocks4(ProtocolError):
     """The first byte is not version 4: no SOCKS4 reply is owed."""
 
-    reply = None
-
     def __init__(self, reason: str, first_bytes: bytes) -> None:
         super().__init__(reason)
         self.first_bytes = first_bytes
 
 
-class UnknownCommand(ProtocolError):
+class MalformedRequest(ProtocolError, RequestRejectedOrFailed):
+    """A SOCKS4 request that cannot be served as written: 91."""
+
+    reply = ReplyCode.REJECTED
+
+
+class UnknownCommand(MalformedRequest):
     pass
 
 
-class FieldTooLong(ProtocolError):
+class FieldTooLong(MalformedRequest):
     pass
 
 
-class InvalidHostname(ProtocolError):
+class InvalidHostname(MalformedRequest):
     pass
 
 
@@ -197,6 +278,13 @@ class RequestParser:
         return request, end
 
 
+def reply_address(host: str) -> str:
+    """The DSTIP a reply can carry for `host`: replies hold IPv4 only, and
+    0.0.0.0 tells the client to use the proxy's own address."""
+    address = ip_of(host)
+    return str(address) if isinstance(address, ipaddress.IPv4Address) else "0.0.0.0"
+
+
 def build_reply(
     code: ReplyCode, port: int = 0, address: Union[str, bytes] = "0.0.0.0"
 ) -> bytes:
@@ -207,6 +295,29 @@ def build_reply(
         except OSError:
             raise ValueError(f"not a dotted-quad IPv4 address: {address!r}") from None
     return _REPLY.pack(REPLY_VERSION, int(code), port, address)
+
+
+SOCKS5_NO_ACCEPTABLE_METHODS = b"\x05\xff"
+HTTP_NOT_A_WEB_PROXY = (
+    b"HTTP/1.0 400 Bad Request\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Connection: close\r\n\r\n"
+    b"This is a SOCKS4/SOCKS4A proxy, not an HTTP proxy. "
+    b"Configure your client for SOCKS4 or SOCKS4A.\r\n"
+)
+
+
+def foreign_protocol_answer(first_bytes: bytes) -> tuple[bytes, str]:
+    """What to tell a peer that does not speak SOCKS4, and what it spoke.
+
+    A SOCKS5 client understands "no acceptable methods" and a browser set up
+    for an HTTP proxy a plain 400; anything else gets nothing (``b""``).
+    """
+    if first_bytes[:1] == b"\x05":
+        return SOCKS5_NO_ACCEPTABLE_METHODS, "a SOCKS5 greeting"
+    if first_bytes[:1].isalpha():
+        return HTTP_NOT_A_WEB_PROXY, "what looks like HTTP"
+    return b"", "not SOCKS4"
 
 
 def build_request(

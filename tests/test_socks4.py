@@ -1,16 +1,26 @@
 """The SOCKS4/4A codec, with no Twisted in sight."""
 
+import subprocess
+import sys
+
 import pytest
 
 from socksident.socks4 import (
+    REFUSALS,
     Command,
     FieldTooLong,
+    IdentdMismatch,
+    IdentdUnreachable,
     InvalidHostname,
     NotSocks4,
+    ProtocolError,
     ReplyCode,
     Request,
     RequestParser,
+    RequestRejectedOrFailed,
+    SOCKS4Refusal,
     UnknownCommand,
+    refusal_for,
     build_reply,
     build_request,
     parse_reply,
@@ -150,3 +160,58 @@ def test_build_request_round_trips():
 def test_reply_addresses_must_be_dotted_quads(bad):
     with pytest.raises(ValueError, match="dotted-quad"):
         build_reply(ReplyCode.GRANTED, 1, bad)
+
+
+# -- the refusal tree ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, code",
+    [
+        (RequestRejectedOrFailed, ReplyCode.REJECTED),
+        (IdentdUnreachable, ReplyCode.IDENTD_UNREACHABLE),
+        (IdentdMismatch, ReplyCode.IDENT_MISMATCH),
+    ],
+)
+def test_each_refusal_carries_its_code_and_reason(cls, code):
+    refusal = cls("why")
+    assert isinstance(refusal, SOCKS4Refusal)
+    assert (refusal.code, refusal.reason, str(refusal)) == (code, "why", "why")
+    assert REFUSALS[code] is cls
+    made = refusal_for(code, "because")
+    assert type(made) is cls and made.reason == "because"
+
+
+def test_the_table_covers_every_refusing_code_and_not_90():
+    assert set(REFUSALS) == set(ReplyCode) - {ReplyCode.GRANTED}
+    with pytest.raises(KeyError):
+        refusal_for(ReplyCode.GRANTED, "granted is no refusal")
+
+
+@pytest.mark.parametrize("cls", [UnknownCommand, FieldTooLong, InvalidHostname])
+def test_codec_errors_owing_a_reply_are_91_refusals(cls):
+    error = cls("bad")
+    assert isinstance(error, RequestRejectedOrFailed) and isinstance(error, ProtocolError)
+    assert error.code is ReplyCode.REJECTED and error.reply is ReplyCode.REJECTED
+
+
+def test_not_socks4_is_outside_the_tree():
+    error = NotSocks4("version 5", b"\x05")
+    assert isinstance(error, ProtocolError) and not isinstance(error, SOCKS4Refusal)
+    assert error.reply is None
+
+
+def test_bind_finding_no_port_is_a_91_refusal():
+    from socksident.bind import NoFreePort
+
+    assert issubclass(NoFreePort, RequestRejectedOrFailed)
+
+
+def test_codec_imports_no_twisted():
+    code = (
+        "import sys, socksident.socks4; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'); "
+        "sys.exit(str(bad) if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
