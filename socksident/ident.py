@@ -1,7 +1,8 @@
-"""RFC 1413 (IDENT) without I/O: the query, the strict response parser, and
-the verdict that turns an answer into reply code 90, 92 or 93.
+"""RFC 1413 (IDENT) without I/O: the query and the strict response parser.
 
-The Twisted client that carries these bytes lives in `socksident.identclient`.
+It knows nothing of SOCKS: what an answer means for a request (90, 92 or
+93) is the policy's `socksident.policy.verdict`.  The Twisted client that
+carries these bytes lives in `socksident.identclient`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from socksident.socks4 import ReplyCode
+__all__ = [
+    "ERROR_TYPES",
+    "MAX_RESPONSE_LINE",
+    "MAX_TOKEN_LENGTH",
+    "MAX_USER_ID_OCTETS",
+    "IdentAnswer",
+    "IdentOutcome",
+    "MalformedResponse",
+    "ResponseReader",
+    "build_query",
+    "parse_response",
+]
 
 #: A client may give up after this many bytes without an end of line (RFC 1413).
 MAX_RESPONSE_LINE = 1000
@@ -22,19 +34,6 @@ MAX_USER_ID_OCTETS = 512
 
 #: The error types RFC 1413 defines; private ones start with "X".
 ERROR_TYPES = frozenset({"INVALID-PORT", "NO-USER", "HIDDEN-USER", "UNKNOWN-ERROR"})
-
-
-class IdentMode(enum.Enum):
-    """How a permitted request is checked against the client's identd.
-
-    REQUIRE is the original ``sockd -I`` (no usable answer -> 92), CHECK is
-    ``sockd -i`` (no usable answer is let through), OFF asks nobody.  Both
-    checking modes refuse a positive mismatch with 93.
-    """
-
-    OFF = "off"
-    CHECK = "check"
-    REQUIRE = "require"
 
 
 class IdentOutcome(enum.Enum):
@@ -57,27 +56,6 @@ class IdentAnswer:
     @property
     def usable(self) -> bool:
         return self.outcome is IdentOutcome.USER
-
-
-@dataclass(frozen=True, slots=True)
-class IdentVerdict:
-    code: ReplyCode
-    reason: str
-
-
-def verdict(mode: IdentMode, claimed_user: str, answer: IdentAnswer) -> IdentVerdict:
-    """Decide a permitted request by its ident answer, as CSTC sockd did."""
-    if answer.outcome is IdentOutcome.USER:
-        if answer.user_id == claimed_user:
-            return IdentVerdict(ReplyCode.GRANTED, "ident confirmed user")
-        return IdentVerdict(
-            ReplyCode.IDENT_MISMATCH,
-            f"identd names {answer.user_id!r}, request claims {claimed_user!r}",
-        )
-    why = answer.error or answer.outcome.value
-    if mode is IdentMode.REQUIRE:
-        return IdentVerdict(ReplyCode.IDENTD_UNREACHABLE, f"no ident answer: {why}")
-    return IdentVerdict(ReplyCode.GRANTED, f"unverified, no ident answer: {why}")
 
 
 class MalformedResponse(ValueError):

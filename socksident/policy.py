@@ -9,6 +9,7 @@ no-configuration default below is another; embedders may write their own.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Union
@@ -16,25 +17,86 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 from zope.interface import Interface, implementer
 
 from socksident.address import ip_of
-from socksident.ident import IdentAnswer, IdentMode, verdict
-from socksident.socks4 import ReplyCode, Request
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.socks4 import ReplyCode, Request, SOCKS4Refusal, refusal_for
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+__all__ = [
+    "PRIVATE_NETWORKS",
+    "Decision",
+    "DecisionResult",
+    "DefaultPolicy",
+    "IEarlyRefusal",
+    "IPolicy",
+    "IdentMode",
+    "IdentVerdict",
+    "PolicyContext",
+    "check_ident",
+    "deny",
+    "is_loopback",
+    "is_private",
+    "verdict",
+]
+
+
+class IdentMode(enum.Enum):
+    """How a permitted request is checked against the client's identd.
+
+    REQUIRE is the original ``sockd -I`` (no usable answer -> 92), CHECK is
+    ``sockd -i`` (no usable answer is let through), OFF asks nobody.  Both
+    checking modes refuse a positive mismatch with 93.
+    """
+
+    OFF = "off"
+    CHECK = "check"
+    REQUIRE = "require"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentVerdict:
+    code: ReplyCode
+    reason: str
+
+
+def verdict(mode: IdentMode, claimed_user: str, answer: IdentAnswer) -> IdentVerdict:
+    """Decide a permitted request by its ident answer, as CSTC sockd did."""
+    if answer.outcome is IdentOutcome.USER:
+        if answer.user_id == claimed_user:
+            return IdentVerdict(ReplyCode.GRANTED, "ident confirmed user")
+        return IdentVerdict(
+            ReplyCode.IDENT_MISMATCH,
+            f"identd names {answer.user_id!r}, request claims {claimed_user!r}",
+        )
+    why = answer.error or answer.outcome.value
+    if mode is IdentMode.REQUIRE:
+        return IdentVerdict(ReplyCode.IDENTD_UNREACHABLE, f"no ident answer: {why}")
+    return IdentVerdict(ReplyCode.GRANTED, f"unverified, no ident answer: {why}")
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """A policy's answer: the reply code to send and why."""
+    """A policy's answer: the reply code to send and why.
+
+    ``on_granted`` runs once the client has its final 90 (CONNECT: connected;
+    BIND: the second reply), not when the policy permits: a rules line's
+    command must not run for a request whose connect then fails.
+    """
 
     code: ReplyCode
     reason: str
     rule: Optional[str] = None  # where the decision came from, e.g. "sockd.conf:12"
     ident: Optional[IdentAnswer] = None
+    on_granted: Optional[Callable[[], object]] = field(default=None, compare=False, repr=False)
 
     @property
     def granted(self) -> bool:
         return self.code is ReplyCode.GRANTED
+
+    def refusal(self) -> Optional[SOCKS4Refusal]:
+        """The refusal to raise for this decision; None when it grants."""
+        return None if self.granted else refusal_for(self.code, self.reason)
 
 
 @dataclass(frozen=True)

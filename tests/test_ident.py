@@ -1,4 +1,4 @@
-"""The RFC 1413 codec and the ident verdict, without Twisted and without I/O."""
+"""The RFC 1413 codec, without Twisted and without I/O."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ import pytest
 from socksident.ident import (
     MAX_RESPONSE_LINE,
     IdentAnswer,
-    IdentMode,
     IdentOutcome,
     MalformedResponse,
     ResponseReader,
     build_query,
     parse_response,
-    verdict,
 )
-from socksident.socks4 import ReplyCode
 
 # The RFC's own example: the querying side sees "23, 6191" and asks "6191, 23".
 CLIENT_PORT = 6191
@@ -273,52 +270,3 @@ def test_reader_close_without_any_bytes() -> None:
     reader = ResponseReader(CLIENT_PORT, SERVER_PORT)
     with pytest.raises(MalformedResponse, match="connection closed before a complete line"):
         reader.connection_closed()
-
-
-# verdict: each mode by each outcome
-
-NO_ANSWER = IdentAnswer(IdentOutcome.NO_ANSWER, error="connection refused")
-ERROR = IdentAnswer(IdentOutcome.ERROR, error="HIDDEN-USER")
-ROOT = user("root")
-
-
-@pytest.mark.parametrize(
-    "mode, answer, code",
-    [
-        (IdentMode.REQUIRE, ROOT, ReplyCode.GRANTED),
-        (IdentMode.CHECK, ROOT, ReplyCode.GRANTED),
-        (IdentMode.OFF, ROOT, ReplyCode.GRANTED),
-        (IdentMode.REQUIRE, user("Root"), ReplyCode.IDENT_MISMATCH),
-        (IdentMode.CHECK, user("Root"), ReplyCode.IDENT_MISMATCH),
-        (IdentMode.OFF, user("Root"), ReplyCode.IDENT_MISMATCH),
-        (IdentMode.REQUIRE, user("root "), ReplyCode.IDENT_MISMATCH),
-        (IdentMode.REQUIRE, ERROR, ReplyCode.IDENTD_UNREACHABLE),
-        (IdentMode.CHECK, ERROR, ReplyCode.GRANTED),
-        (IdentMode.OFF, ERROR, ReplyCode.GRANTED),
-        (IdentMode.REQUIRE, NO_ANSWER, ReplyCode.IDENTD_UNREACHABLE),
-        (IdentMode.CHECK, NO_ANSWER, ReplyCode.GRANTED),
-        (IdentMode.OFF, NO_ANSWER, ReplyCode.GRANTED),
-    ],
-)
-def test_verdict(mode: IdentMode, answer: IdentAnswer, code: ReplyCode) -> None:
-    assert verdict(mode, "root", answer).code is code
-
-
-def test_verdict_mismatch_names_both_users() -> None:
-    result = verdict(IdentMode.CHECK, "root", user("Root"))
-    assert "'Root'" in result.reason and "'root'" in result.reason
-
-
-@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
-@pytest.mark.parametrize("answer", [ERROR, NO_ANSWER])
-def test_verdict_reason_says_why_there_was_no_answer(
-    mode: IdentMode, answer: IdentAnswer
-) -> None:
-    assert answer.error is not None
-    assert answer.error in verdict(mode, "root", answer).reason
-
-
-def test_verdict_compares_latin1_user_ids_exactly() -> None:
-    answer = parse(b"6191 , 23 : USERID : UNIX : j\xf6rg")
-    assert verdict(IdentMode.REQUIRE, "j\xf6rg", answer).code is ReplyCode.GRANTED
-    assert verdict(IdentMode.REQUIRE, "jorg", answer).code is ReplyCode.IDENT_MISMATCH

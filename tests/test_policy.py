@@ -1,11 +1,36 @@
-"""The default policy: loopback anywhere, private ranges anywhere but our loopback."""
+"""The policy module: the ident verdict, and the default policy (loopback anywhere,
+private ranges anywhere but our loopback)."""
 
 import pytest
 from twisted.internet.defer import Deferred
+from zope.interface.verify import verifyObject
 
-from socksident.ident import IdentAnswer
-from socksident.policy import Decision, DefaultPolicy, PolicyContext
-from socksident.socks4 import Command, ReplyCode, Request
+from socksident.ident import IdentAnswer, IdentOutcome, parse_response
+from socksident.policy import (
+    Decision,
+    DefaultPolicy,
+    IdentMode,
+    IEarlyRefusal,
+    IPolicy,
+    PolicyContext,
+    verdict,
+)
+from socksident.socks4 import (
+    Command,
+    IdentdMismatch,
+    IdentdUnreachable,
+    ReplyCode,
+    Request,
+    RequestRejectedOrFailed,
+)
+
+
+def user(user_id: str, opsys: str = "UNIX") -> IdentAnswer:
+    return IdentAnswer(IdentOutcome.USER, user_id=user_id, opsys=opsys)
+
+
+def parse(line: bytes) -> IdentAnswer:
+    return parse_response(line, 6191, 23)
 
 
 def never_asked() -> "Deferred[IdentAnswer]":
@@ -57,3 +82,89 @@ def test_private_clients_may_not_reach_our_loopback_by_any_address(addresses):
     decision = decide("192.168.1.20", *addresses)
     assert decision.code is ReplyCode.REJECTED
     assert "loopback" in decision.reason
+
+
+# verdict: each mode by each outcome
+
+NO_ANSWER = IdentAnswer(IdentOutcome.NO_ANSWER, error="connection refused")
+ERROR = IdentAnswer(IdentOutcome.ERROR, error="HIDDEN-USER")
+ROOT = user("root")
+
+
+@pytest.mark.parametrize(
+    "mode, answer, code",
+    [
+        (IdentMode.REQUIRE, ROOT, ReplyCode.GRANTED),
+        (IdentMode.CHECK, ROOT, ReplyCode.GRANTED),
+        (IdentMode.OFF, ROOT, ReplyCode.GRANTED),
+        (IdentMode.REQUIRE, user("Root"), ReplyCode.IDENT_MISMATCH),
+        (IdentMode.CHECK, user("Root"), ReplyCode.IDENT_MISMATCH),
+        (IdentMode.OFF, user("Root"), ReplyCode.IDENT_MISMATCH),
+        (IdentMode.REQUIRE, user("root "), ReplyCode.IDENT_MISMATCH),
+        (IdentMode.REQUIRE, ERROR, ReplyCode.IDENTD_UNREACHABLE),
+        (IdentMode.CHECK, ERROR, ReplyCode.GRANTED),
+        (IdentMode.OFF, ERROR, ReplyCode.GRANTED),
+        (IdentMode.REQUIRE, NO_ANSWER, ReplyCode.IDENTD_UNREACHABLE),
+        (IdentMode.CHECK, NO_ANSWER, ReplyCode.GRANTED),
+        (IdentMode.OFF, NO_ANSWER, ReplyCode.GRANTED),
+    ],
+)
+def test_verdict(mode: IdentMode, answer: IdentAnswer, code: ReplyCode) -> None:
+    assert verdict(mode, "root", answer).code is code
+
+
+def test_verdict_mismatch_names_both_users() -> None:
+    result = verdict(IdentMode.CHECK, "root", user("Root"))
+    assert "'Root'" in result.reason and "'root'" in result.reason
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+@pytest.mark.parametrize("answer", [ERROR, NO_ANSWER])
+def test_verdict_reason_says_why_there_was_no_answer(
+    mode: IdentMode, answer: IdentAnswer
+) -> None:
+    assert answer.error is not None
+    assert answer.error in verdict(mode, "root", answer).reason
+
+
+def test_verdict_compares_latin1_user_ids_exactly() -> None:
+    answer = parse(b"6191 , 23 : USERID : UNIX : j\xf6rg")
+    assert verdict(IdentMode.REQUIRE, "j\xf6rg", answer).code is ReplyCode.GRANTED
+    assert verdict(IdentMode.REQUIRE, "jorg", answer).code is ReplyCode.IDENT_MISMATCH
+
+
+# -- Decision.refusal and the interfaces --------------------------------------
+
+
+def test_a_granting_decision_has_no_refusal():
+    assert Decision(ReplyCode.GRANTED, "ok").refusal() is None
+
+
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        (ReplyCode.REJECTED, RequestRejectedOrFailed),
+        (ReplyCode.IDENTD_UNREACHABLE, IdentdUnreachable),
+        (ReplyCode.IDENT_MISMATCH, IdentdMismatch),
+    ],
+)
+def test_a_refusing_decision_names_its_refusal(code, cls):
+    refusal = Decision(code, "the reason").refusal()
+    assert type(refusal) is cls and refusal.reason == "the reason"
+
+
+def test_on_granted_does_not_take_part_in_equality():
+    assert Decision(ReplyCode.GRANTED, "ok", on_granted=lambda: None) == Decision(
+        ReplyCode.GRANTED, "ok"
+    )
+
+
+def test_both_built_in_policies_provide_their_interfaces(tmp_path):
+    from socksident.rules import RulesPolicy
+
+    path = tmp_path / "sockd.conf"
+    path.write_text("permit 10.0.0.0/8\n")
+    for policy in (DefaultPolicy(), RulesPolicy(str(path))):
+        assert verifyObject(IPolicy, policy)
+        assert verifyObject(IEarlyRefusal, policy)
+
