@@ -12,7 +12,7 @@ signalled.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, cast
+from typing import Optional, cast
 from typing import Protocol as _Interface
 
 from twisted.internet.defer import Deferred, succeed
@@ -20,6 +20,19 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from socksident._types import DelayedCall, ReactorProcessTime, global_reactor
+
+__all__ = [
+    "DEFAULT_TIME_LIMIT",
+    "MAX_LOG_LINE",
+    "MAX_RUNNING",
+    "CommandProtocol",
+    "CommandReactor",
+    "CommandResult",
+    "CommandRunner",
+    "run_command",
+]
 
 log = Logger()
 
@@ -30,20 +43,8 @@ SHELL = "/bin/sh"
 MAX_LOG_LINE = 4096
 
 
-class CommandReactor(_Interface):
-    """What the runner needs from a reactor: IReactorProcess and IReactorTime."""
-
-    def spawnProcess(
-        self,
-        processProtocol: ProcessProtocol,
-        executable: str,
-        args: Sequence[str],
-        env: Optional[Mapping[str, str]] = ...,
-    ) -> Any: ...
-
-    def callLater(
-        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
-    ) -> Any: ...
+#: What the runner needs from a reactor: IReactorProcess and IReactorTime.
+CommandReactor = ReactorProcessTime
 
 
 class _ProcessTransport(_Interface):
@@ -54,12 +55,6 @@ class _ProcessTransport(_Interface):
     def signalProcess(self, signalID: str) -> None: ...
 
     def loseConnection(self) -> None: ...
-
-
-class _DelayedCall(_Interface):
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +77,7 @@ class CommandProtocol(ProcessProtocol):
         self.pid: Optional[int] = None
         self._clock = clock
         self._time_limit = time_limit
-        self._timer: Optional[_DelayedCall] = None
+        self._timer: Optional[DelayedCall] = None
         self._process: Optional[_ProcessTransport] = None
         self._partial = {"stdout": b"", "stderr": b""}
         self._timed_out = False
@@ -183,9 +178,7 @@ def run_command(
     defaults to the global one, looked up at call time.
     """
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = cast(CommandReactor, global_reactor)
+        reactor = cast(CommandReactor, global_reactor())
     protocol = CommandProtocol(command, reactor, time_limit)
     try:
         reactor.spawnProcess(protocol, SHELL, [SHELL, "-c", command], env=None)

@@ -2,7 +2,7 @@
 
 `query_ident` always fires with an `IdentAnswer`; refused or unreachable
 identds, time-outs and garbage are answers too (``NO_ANSWER``), because the
-caller's policy (`socksident.ident.verdict`) decides what they mean.  One
+caller's policy (`socksident.policy.verdict`) decides what they mean.  One
 time limit covers both the connect and the answer, and every way out closes
 the connection and cancels the timer, so nothing outlives the Deferred.
 
@@ -25,6 +25,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from socksident._types import DelayedCall, ReactorTCPTime, global_reactor
 from socksident.address import ip_of
 from socksident.ident import (
     IdentAnswer,
@@ -34,19 +35,13 @@ from socksident.ident import (
     build_query,
 )
 
-__all__ = ["IDENT_PORT", "DEFAULT_TIMEOUT", "IdentReactor", "query_ident"]
+__all__ = ["IDENT_PORT", "DEFAULT_TIMEOUT", "IdentQuery", "IdentReactor", "SharedIdentQuery", "query_ident"]
 
 IDENT_PORT = 113
 #: The original SOCKS4 server's limit; RFC 1413 suggests clients wait longer.
 DEFAULT_TIMEOUT = 15.0
 
 log = Logger()
-
-
-class _DelayedCall(_Interface):
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
 
 
 class _Connector(_Interface):
@@ -61,23 +56,8 @@ class _Transport(_Interface):
     def abortConnection(self) -> None: ...
 
 
-class IdentReactor(_Interface):
-    """What the ident client needs from a reactor: IReactorTCP and IReactorTime."""
-
-    def connectTCP(
-        self,
-        host: str,
-        port: int,
-        factory: ClientFactory,
-        timeout: float = ...,
-        bindAddress: Optional[tuple[str, int]] = ...,
-    ) -> Any: ...
-
-    def callLater(
-        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
-    ) -> Any: ...
-
-    def seconds(self) -> float: ...
+#: What the ident client needs from a reactor: IReactorTCP and IReactorTime.
+IdentReactor = ReactorTCPTime
 
 
 def _connect_host(client_host: str) -> str:
@@ -165,14 +145,14 @@ class _IdentQuery:
         self._deferred: Deferred[IdentAnswer] = Deferred(self._cancel)
         self._connector: Optional[_Connector] = None
         self._transport: Optional[_Transport] = None
-        self._timer: Optional[_DelayedCall] = None
+        self._timer: Optional[DelayedCall] = None
         self._connecting = False
         self._done = False
         self._started = 0.0
 
     def start(self) -> Deferred[IdentAnswer]:
         self._started = self._reactor.seconds()
-        self._timer = cast(_DelayedCall, self._reactor.callLater(self._timeout, self._timed_out))
+        self._timer = cast(DelayedCall, self._reactor.callLater(self._timeout, self._timed_out))
         log.debug(
             "ident query {client_port} , {server_port} to {host}:{ident_port}"
             " from {bind}",
@@ -325,9 +305,7 @@ def query_ident(
     cancelled.  `reactor` defaults to the global reactor at call time.
     """
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = cast(IdentReactor, global_reactor)
+        reactor = cast(IdentReactor, global_reactor())
     try:
         query = _IdentQuery(
             reactor, client_host, client_port, server_host, server_port, ident_port, timeout
@@ -335,3 +313,63 @@ def query_ident(
     except ValueError as e:  # no port pair to ask about (a non-TCP client)
         return succeed(IdentAnswer(IdentOutcome.NO_ANSWER, error=f"cannot ask: {e}"))
     return query.start()
+
+
+class IdentQuery(_Interface):
+    """The signature of `query_ident`, which a server factory may replace."""
+
+    def __call__(
+        self,
+        client_host: str,
+        client_port: int,
+        server_host: str,
+        server_port: int,
+        *,
+        reactor: Optional[IdentReactor] = ...,
+        ident_port: int = ...,
+        timeout: float = ...,
+    ) -> Deferred[IdentAnswer]: ...
+
+
+class SharedIdentQuery:
+    """One request's ident query: started by the first asker, shared by all.
+
+    A policy may ask more than once (an embedder's policy, a rules line and
+    its command); the identd is asked once, later askers get the same answer,
+    and the query stops only when its last waiting asker gives up.  Call it
+    as `PolicyContext.ident`.
+    """
+
+    def __init__(self, start: Callable[[], Deferred[IdentAnswer]]) -> None:
+        self._start = start
+        self.answer: Optional[IdentAnswer] = None
+        self._query: Optional[Deferred[IdentAnswer]] = None
+        self._waiters: list[Deferred[IdentAnswer]] = []
+
+    def __call__(self) -> Deferred[IdentAnswer]:
+        if self.answer is not None:
+            return succeed(self.answer)
+        waiter: Deferred[IdentAnswer] = Deferred(self._waiter_cancelled)
+        self._waiters.append(waiter)
+        if self._query is None:
+            self._query = self._start()
+            self._query.addCallbacks(self._answered, self._failed)
+        return waiter
+
+    def _answered(self, answer: IdentAnswer) -> None:
+        self.answer = answer
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(answer)
+
+    def _failed(self, failure: Failure) -> None:
+        """The query's own cancellation (its last waiter's doing) or a bug in an
+        injected query function: whoever still waits learns of it at once."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def _waiter_cancelled(self, waiter: Deferred[IdentAnswer]) -> None:
+        self._waiters.remove(waiter)
+        if not self._waiters and self._query is not None and not self._query.called:
+            self._query.cancel()

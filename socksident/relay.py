@@ -15,15 +15,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHalfCloseableProtocol,
-    IReactorTime,
-    ISSLTransport,
-)
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from socksident._types import DelayedCall, ReactorTime
+
+__all__ = ["PendingEvents", "Relay", "RelaySide", "RemoteProtocol"]
 
 
 class RelaySide:
@@ -55,7 +54,7 @@ class Relay:
         self,
         client_transport: Any,
         remote_transport: Any,
-        reactor: IReactorTime,
+        reactor: ReactorTime,
         on_finished: Callable[["Relay"], None],
         idle_timeout: Optional[float] = None,
     ) -> None:
@@ -65,7 +64,7 @@ class Relay:
         self._reactor = reactor
         self._on_finished = on_finished
         self._idle_timeout = idle_timeout
-        self._idle_call: Optional[IDelayedCall] = None
+        self._idle_call: Optional[DelayedCall] = None
         self.finished = False
         self.idle_closed = False
 
@@ -163,13 +162,49 @@ class Relay:
         self._on_finished(self)
 
 
+class PendingEvents:
+    """What one connection did before its relay existed, to replay in order.
+
+    Bytes (the caller bounds them: the client by pausing or refusing, the
+    destination by staying paused), then at most one end: a FIN or a loss.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.read_closed = False
+        self.lost = False
+
+    def data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def take_data(self) -> bytes:
+        """The bytes kept so far, in order; they are not replayed again."""
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+    def replay(self, relay: Relay, side: RelaySide) -> None:
+        """Hand the kept events to `relay` as `side`'s; resume reading a side
+        that is still open, since it was held paused until now."""
+        data = self.take_data()
+        if data:
+            relay.data(side, data)
+        if self.lost:
+            relay.lost(side)
+        elif self.read_closed:
+            relay.read_closed(side)
+        else:
+            side.transport.resumeProducing()
+
+
 @implementer(IHalfCloseableProtocol)
 class RemoteProtocol(Protocol):
     """The proxy's connection to the destination (CONNECT) or from it (BIND).
 
     It holds its transport paused until a relay is attached, so nothing is
     read before the client has its reply; events that happen before that
-    are remembered and replayed.
+    are kept and replayed.
     """
 
     transport: Any  # a TCP transport: also a push producer and a consumer
@@ -177,9 +212,7 @@ class RemoteProtocol(Protocol):
     def __init__(self) -> None:
         self.relay: Optional[Relay] = None
         self.side: Optional[RelaySide] = None
-        self.early_data: list[bytes] = []
-        self.connected_lost = False
-        self.early_read_closed = False
+        self.pending = PendingEvents()
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
@@ -187,33 +220,25 @@ class RemoteProtocol(Protocol):
     def attach(self, relay: Relay) -> None:
         """Join a started relay, replaying what happened while we waited."""
         self.relay, self.side = relay, relay.remote
-        early, self.early_data = b"".join(self.early_data), []
-        if early:
-            relay.data(relay.remote, early)
-        if self.connected_lost:
-            relay.lost(relay.remote)
-        elif self.early_read_closed:
-            relay.read_closed(relay.remote)
-        else:
-            self.transport.resumeProducing()
+        self.pending.replay(relay, relay.remote)
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None and self.side is not None:
             self.relay.data(self.side, data)
         else:  # a transport that cannot pause at once; bounded by one read
-            self.early_data.append(data)
+            self.pending.data(data)
 
     def readConnectionLost(self) -> None:
         if self.relay is not None and self.side is not None:
             self.relay.read_closed(self.side)
         else:
-            self.early_read_closed = True
+            self.pending.read_closed = True
 
     def writeConnectionLost(self) -> None:
         """Our FIN went out; the other direction may still carry data."""
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.relay is not None and self.side is not None:
             self.relay.lost(self.side)
         else:
-            self.connected_lost = True
+            self.pending.lost = True

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import pytest
 import twisted.internet
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
@@ -26,7 +26,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksident.ident import IdentAnswer, IdentOutcome
-from socksident.identclient import query_ident
+from socksident.identclient import SharedIdentQuery, query_ident
 
 CLIENT_HOST = "192.0.2.10"  # the SOCKS client, where the identd runs
 CLIENT_PORT = 40000  # its source port
@@ -469,3 +469,91 @@ def test_a_client_without_ports_gets_no_answer_instead_of_an_exception() -> None
     [answer] = answers
     assert answer.outcome is IdentOutcome.NO_ANSWER and "cannot ask" in answer.error
     assert reactor.tcpClients == []
+
+
+# -- SharedIdentQuery: one query per request, shared by every asker -------------
+
+
+class Starts:
+    """The query function a SharedIdentQuery starts: records each start."""
+
+    def __init__(self) -> None:
+        self.queries: list[Deferred[IdentAnswer]] = []
+        self.cancelled = 0
+
+    def __call__(self) -> Deferred[IdentAnswer]:
+        def cancel(d: Deferred[IdentAnswer]) -> None:
+            self.cancelled += 1
+
+        query: Deferred[IdentAnswer] = Deferred(cancel)
+        self.queries.append(query)
+        return query
+
+
+ALICE = IdentAnswer(IdentOutcome.USER, user_id="alice", opsys="UNIX")
+
+
+def test_shared_query_starts_once_for_several_askers() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    first, second = shared(), shared()
+    assert len(starts.queries) == 1 and not first.called and not second.called
+    starts.queries[0].callback(ALICE)
+    assert first.result is ALICE and second.result is ALICE
+    assert shared.answer is ALICE
+
+
+def test_asking_after_the_answer_gets_the_same_answer_at_once() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    shared()
+    starts.queries[0].callback(ALICE)
+    later = shared()
+    assert later.called and later.result is ALICE
+    assert len(starts.queries) == 1
+
+
+def test_nothing_is_asked_until_someone_asks() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    assert starts.queries == [] and shared.answer is None
+
+
+def test_one_asker_giving_up_leaves_the_query_running() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    first, second = shared(), shared()
+    first.addErrback(lambda f: f.trap(CancelledError))
+    first.cancel()
+    assert starts.cancelled == 0 and not starts.queries[0].called
+    starts.queries[0].callback(ALICE)
+    assert second.result is ALICE
+
+
+def test_the_last_asker_giving_up_cancels_the_query() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    first, second = shared(), shared()
+    failures: list[Failure] = []
+    for waiter in (first, second):
+        waiter.addErrback(failures.append)
+        waiter.cancel()
+    assert starts.cancelled == 1
+    assert [f.check(CancelledError) for f in failures] == [CancelledError, CancelledError]
+    assert shared.answer is None
+
+
+def test_a_failing_query_fails_every_waiter() -> None:
+    starts = Starts()
+    shared = SharedIdentQuery(starts)
+    first, second = shared(), shared()
+    failures: list[Failure] = []
+    first.addErrback(failures.append)
+    second.addErrback(failures.append)
+    starts.queries[0].errback(RuntimeError("a broken injected query"))
+    assert [f.check(RuntimeError) for f in failures] == [RuntimeError, RuntimeError]
+
+
+def test_a_query_that_answers_at_once_answers_its_first_asker() -> None:
+    shared = SharedIdentQuery(lambda: succeed(ALICE))
+    assert shared().result is ALICE

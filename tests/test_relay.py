@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from socksident.relay import Relay, RemoteProtocol
+from socksident.relay import PendingEvents, Relay, RemoteProtocol
 
 Call = tuple[Any, ...]
 
@@ -449,3 +449,45 @@ def test_remote_write_half_shutdown_closes_nothing():
     del log[:]
     proto.writeConnectionLost()
     assert log == []
+
+
+# -- PendingEvents: what a side did before the relay existed ---------------------------
+
+
+def test_pending_bytes_are_kept_in_order_and_counted():
+    pending = PendingEvents()
+    pending.data(b"one ")
+    pending.data(b"two")
+    assert pending.size == 7
+    assert pending.take_data() == b"one two"
+    assert pending.take_data() == b""
+
+
+def test_replay_of_an_open_side_delivers_then_resumes_it():
+    p = Pair()
+    pending = PendingEvents()
+    pending.data(b"kept")
+    pending.replay(p.relay, p.relay.remote)
+    assert p.client.calls() == [("write", b"kept")]
+    assert p.remote.calls() == [("resumeProducing",)]
+    assert p.relay.bytes_down == 4
+
+
+def test_replay_of_a_fin_shuts_the_peers_write_half_and_does_not_resume():
+    p = Pair()
+    pending = PendingEvents()
+    pending.data(b"last words")
+    pending.read_closed = True
+    pending.replay(p.relay, p.relay.remote)
+    assert p.client.calls() == [("write", b"last words"), ("unregisterProducer",), ("loseWriteConnection",)]
+    assert ("resumeProducing",) not in p.remote.calls()
+
+
+def test_replay_of_a_loss_counts_as_loss_even_after_a_fin():
+    p = Pair()
+    pending = PendingEvents()
+    pending.read_closed = True
+    pending.lost = True
+    pending.replay(p.relay, p.relay.remote)
+    assert p.relay.remote.lost
+    assert p.client.calls() == [("unregisterProducer",), ("loseConnection",)]

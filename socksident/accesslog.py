@@ -1,0 +1,147 @@
+"""One access record per request: built once, as a value, when it ends.
+
+`AccessRecord` holds what happened to one client connection (who, what it
+asked, the decision, the ident answer, every reply sent, where it went,
+bytes, time).  Its `summary` is the text line operators read; its `fields`
+are the one schema every machine reader uses (the structured log event,
+the JSON access log, metrics).  `emit` publishes it on the
+``socksident.access`` logger namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+from socksident.connection import ConnectionInfo
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.policy import Decision
+from socksident.socks4 import Command, ReplyCode, Request, SOCKS4Refusal
+
+__all__ = ["ACCESS_NAMESPACE", "AccessRecord", "emit", "ident_summary"]
+
+ACCESS_NAMESPACE = "socksident.access"
+_access_log = Logger(namespace=ACCESS_NAMESPACE)
+
+
+def ident_summary(answer: Optional[IdentAnswer]) -> str:
+    """The ident result as the text line shows it.
+
+    ``-`` (nobody was asked), ``user:'name'``, ``error:TYPE`` or ``no-answer``.
+    """
+    if answer is None:
+        return "-"
+    if answer.user_id is not None:
+        return f"user:{answer.user_id!r}"
+    if answer.outcome is IdentOutcome.ERROR:
+        return f"error:{answer.error}"
+    return "no-answer"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    """What one client connection did, from accept to both sides closed.
+
+    ``replies`` are the reply codes in the order they were sent (a granted
+    BIND has two); ``address`` is the IP connected to (BIND: the
+    application server's); ``started`` is in the reactor's seconds.
+    """
+
+    connection: ConnectionInfo
+    request: Optional[Request]
+    decision: Optional[Decision]
+    ident: Optional[IdentAnswer]
+    replies: tuple[ReplyCode, ...]
+    reason: str
+    refusal: Optional[SOCKS4Refusal]
+    address: Optional[str]
+    bytes_up: int
+    bytes_down: int
+    started: float
+    duration: float
+
+    @property
+    def code(self) -> Optional[ReplyCode]:
+        """The reply that settled the request; None when none did.
+
+        A BIND that got only its first 90 (its client left, or the server
+        stopped, before the second reply) was never settled.
+        """
+        if not self.replies:
+            return None
+        request = self.request
+        if (
+            request is not None
+            and request.command is Command.BIND
+            and self.replies == (ReplyCode.GRANTED,)
+        ):
+            return None
+        return self.replies[-1]
+
+    @property
+    def rule(self) -> Optional[str]:
+        return self.decision.rule if self.decision is not None else None
+
+    def summary(self) -> str:
+        """The access line, e.g. ``127.0.0.1:5 user='u' ident=- CONNECT h:80 -> 90 (...)``."""
+        request = self.request
+        if request is None:
+            asked = " (no valid request)"
+        else:
+            via = f" [{self.address}]" if request.hostname and self.address else ""
+            asked = (
+                f" user={request.user_id!r} ident={ident_summary(self.ident)}"
+                f" {request.command.name} {request.destination}:{request.port}{via}"
+            )
+        code = self.code
+        return (
+            f"{self.connection.client}{asked} -> {int(code) if code is not None else '-'}"
+            f" ({self.reason}) up={self.bytes_up} down={self.bytes_down}"
+            f" in {self.duration:.3f}s"
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name, JSON-ready: the schema the README documents."""
+        request = self.request
+        answer = self.ident
+        code = self.code
+        return {
+            "time": self.started,
+            "client": self.connection.client,
+            "listener": self.connection.listener,
+            "user": request.user_id if request else None,
+            "command": request.command.name if request else None,
+            "destination": request.destination if request else None,
+            "port": request.port if request else None,
+            "address": self.address,
+            "code": int(code) if code is not None else None,
+            "replies": [int(reply) for reply in self.replies],
+            "reason": self.reason,
+            "refusal": type(self.refusal).__name__ if self.refusal is not None else None,
+            "rule": self.rule,
+            "ident": ident_summary(answer),
+            "ident_outcome": answer.outcome.value if answer else None,
+            "ident_user": answer.user_id if answer else None,
+            "ident_opsys": answer.opsys if answer else None,
+            "ident_error": answer.error if answer else None,
+            "ident_duration": answer.duration if answer else None,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration": self.duration,
+        }
+
+
+def emit(record: AccessRecord) -> None:
+    """Publish `record` as one ``socksident.access`` event.
+
+    The text is one preformatted field: every event is formatted by the
+    text observer, and a format string of twenty fields costs more than the
+    relay itself on short connections.  The fields stay in the event, and
+    the record itself rides along as ``access_record`` for observers that
+    want the value.
+    """
+    _access_log.info(
+        "{summary}", summary=record.summary(), access_record=record, **record.fields()
+    )

@@ -1,0 +1,33 @@
+"""Every limit the server enforces, each default written once.
+
+`twistd socks4` derives its option defaults from `ServerSettings()`, and an
+embedding application passes its own instance to the factory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from socksident.identclient import DEFAULT_TIMEOUT, IDENT_PORT
+from socksident.socks4 import MAX_HOSTNAME_LENGTH, MAX_USER_ID_LENGTH
+
+__all__ = ["ServerSettings"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's limits, with the defaults documented in the README."""
+
+    request_timeout: float = 30.0  # time to send a complete request
+    connect_timeout: float = 120.0  # the protocol's 2 minutes to establish a connection
+    bind_timeout: float = 120.0  # time for BIND's inbound connection to arrive
+    idle_timeout: Optional[float] = None  # close a relay silent this long; None: never
+    ident_timeout: float = DEFAULT_TIMEOUT  # connect + answer, as the CSTC server
+    ident_port: int = IDENT_PORT
+    bind_without_connect: bool = False
+    bind_ports: Optional[tuple[int, int]] = None  # None: any free port
+    bind_address: Optional[str] = None  # None: the address the client connected to
+    max_user_id_length: int = MAX_USER_ID_LENGTH
+    max_hostname_length: int = MAX_HOSTNAME_LENGTH
+    early_data_limit: int = 64 * 1024  # buffered client bytes before its reply

@@ -1,0 +1,138 @@
+"""The access record as a value: its text line and its fields, without a server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from socksident.accesslog import AccessRecord, emit, ident_summary
+from socksident.connection import ConnectionInfo
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.policy import Decision
+from socksident.socks4 import Command, ReplyCode, Request, RequestRejectedOrFailed
+
+INFO = ConnectionInfo("10.0.0.5", 40000, "10.0.0.1", 1080, "10.0.0.1", 1080)
+
+
+def record(**changes: Any) -> AccessRecord:
+    values: dict[str, Any] = dict(
+        connection=INFO,
+        request=Request(Command.CONNECT, 80, "192.0.2.7", "alice"),
+        decision=Decision(ReplyCode.GRANTED, "permitted by r.conf:3", "r.conf:3"),
+        ident=None,
+        replies=(ReplyCode.GRANTED,),
+        reason="permitted by r.conf:3",
+        refusal=None,
+        address="192.0.2.7",
+        bytes_up=10,
+        bytes_down=2000,
+        started=1000.0,
+        duration=1.5,
+    )
+    values.update(changes)
+    return AccessRecord(**values)
+
+
+def test_summary_is_the_access_line() -> None:
+    assert record().summary() == (
+        "10.0.0.5:40000 user='alice' ident=- CONNECT 192.0.2.7:80 -> 90"
+        " (permitted by r.conf:3) up=10 down=2000 in 1.500s"
+    )
+
+
+def test_summary_shows_the_address_a_name_reached() -> None:
+    named = record(request=Request(Command.CONNECT, 443, "0.0.0.1", "bob", "www.example.com"))
+    assert " CONNECT www.example.com:443 [192.0.2.7] -> 90 " in named.summary()
+
+
+def test_summary_of_a_connection_that_never_sent_a_request() -> None:
+    silent = record(request=None, decision=None, replies=(), reason="no complete request within 30 s")
+    assert silent.summary().startswith(
+        "10.0.0.5:40000 (no valid request) -> - (no complete request within 30 s)"
+    )
+    assert silent.code is None and silent.fields()["code"] is None
+
+
+def test_a_bind_with_only_its_first_reply_was_never_settled() -> None:
+    bind = record(
+        request=Request(Command.BIND, 21, "192.0.2.7", "alice"),
+        replies=(ReplyCode.GRANTED,),
+        address=None,
+    )
+    assert bind.code is None
+    assert bind.fields()["replies"] == [90] and bind.fields()["code"] is None
+    both = record(
+        request=Request(Command.BIND, 21, "192.0.2.7", "alice"),
+        replies=(ReplyCode.GRANTED, ReplyCode.REJECTED),
+    )
+    assert both.code is ReplyCode.REJECTED
+
+
+def test_fields_are_the_one_schema_and_json_ready() -> None:
+    answer = IdentAnswer(IdentOutcome.USER, user_id="alice", opsys="UNIX", duration=0.25)
+    refused = record(
+        ident=answer,
+        replies=(ReplyCode.REJECTED,),
+        refusal=RequestRejectedOrFailed("connect failed"),
+        reason="connect failed",
+        address=None,
+        bytes_up=0,
+        bytes_down=0,
+    )
+    fields = refused.fields()
+    assert fields == {
+        "time": 1000.0,
+        "client": "10.0.0.5:40000",
+        "listener": "10.0.0.1:1080",
+        "user": "alice",
+        "command": "CONNECT",
+        "destination": "192.0.2.7",
+        "port": 80,
+        "address": None,
+        "code": 91,
+        "replies": [91],
+        "reason": "connect failed",
+        "refusal": "RequestRejectedOrFailed",
+        "rule": "r.conf:3",
+        "ident": "user:'alice'",
+        "ident_outcome": "user",
+        "ident_user": "alice",
+        "ident_opsys": "UNIX",
+        "ident_error": None,
+        "ident_duration": 0.25,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "duration": 1.5,
+    }
+    assert json.loads(json.dumps(fields)) == fields
+
+
+def test_ident_summary_for_each_outcome() -> None:
+    assert ident_summary(None) == "-"
+    assert ident_summary(IdentAnswer(IdentOutcome.USER, user_id="x")) == "user:'x'"
+    assert ident_summary(IdentAnswer(IdentOutcome.ERROR, error="NO-USER")) == "error:NO-USER"
+    assert ident_summary(IdentAnswer(IdentOutcome.NO_ANSWER, error="refused")) == "no-answer"
+
+
+def test_emit_publishes_summary_fields_and_the_record(access_events: list[Any]) -> None:
+    value = record()
+    emit(value)
+    [event] = access_events
+    assert event["log_format"].format(**event) == value.summary()
+    assert event["access_record"] is value
+    assert all(event[key] == item for key, item in value.fields().items())
+
+
+def test_connection_info_reads_both_ends_of_a_transport() -> None:
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+        peerAddress=IPv4Address("TCP", "127.0.0.9", 5555),
+    )
+    info = ConnectionInfo.of_transport(transport)
+    assert info == ConnectionInfo("127.0.0.9", 5555, "127.0.0.1", 1080, "127.0.0.1", 1080)
+    assert (info.client, info.listener) == ("127.0.0.9:5555", "127.0.0.1:1080")
+
+
