@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["socksident", "twisted.plugins"],
+    packages=["socksident", "socksident.rules", "twisted.plugins"],
     package_data={"socksident": ["py.typed"], "twisted": ["plugins/socksident_plugin.py"]},
     install_requires=["twisted>=23.10", "pyopenssl", "service_identity"],
     extras_require={

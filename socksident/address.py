@@ -12,6 +12,8 @@ import functools
 import ipaddress
 from typing import Any, Optional, Union
 
+__all__ = ["IPAddress", "host_and_port", "ip_of", "is_unspecified", "plain_host"]
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 

@@ -15,11 +15,15 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
 
-from socksident.ident import IdentMode
-from socksident.policy import DefaultPolicy, IPolicy
-from socksident.server import ServerSettings, SOCKS4ServerFactory
+from socksident._types import global_reactor
+from socksident.policy import DefaultPolicy, IdentMode, IPolicy
+from socksident.server import SOCKS4ServerFactory
+from socksident.settings import ServerSettings
+
+__all__ = ["DEFAULT_PORT", "ListenError", "Options", "endpoint_description", "makeService"]
 
 log = Logger()
+_DEFAULTS = ServerSettings()
 
 DEFAULT_PORT = "tcp:1080:interface=127.0.0.1"
 _IDENT_MODES = {"require": IdentMode.REQUIRE, "check": IdentMode.CHECK, "off": IdentMode.OFF}
@@ -48,10 +52,8 @@ def _endpoint(description: str) -> Any:
     twistd has installed its reactor (`--reactor`) before it parses our
     options, so importing it here picks that one.
     """
-    from twisted.internet import reactor
-
     try:
-        return serverFromString(reactor, description)
+        return serverFromString(global_reactor(), description)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise usage.UsageError(f"--port {description!r}: {error}")
 
@@ -103,17 +105,17 @@ class Options(usage.Options):
     optParameters = [
         ["rules", "r", None,
          "A sockd.conf rules file (classic CSTC syntax); SIGHUP re-reads it."],
-        ["request-timeout", None, "30",
+        ["request-timeout", None, f"{_DEFAULTS.request_timeout:g}",
          "Seconds a client has to send its complete request."],
-        ["connect-timeout", None, "120",
+        ["connect-timeout", None, f"{_DEFAULTS.connect_timeout:g}",
          "Seconds to establish the connection to the destination."],
-        ["bind-timeout", None, "120",
+        ["bind-timeout", None, f"{_DEFAULTS.bind_timeout:g}",
          "Seconds BIND waits for the application server's connection."],
-        ["idle-timeout", None, "0",
+        ["idle-timeout", None, f"{_DEFAULTS.idle_timeout or 0:g}",
          "Close a relayed connection idle this many seconds (0: never)."],
-        ["ident-timeout", None, "15",
+        ["ident-timeout", None, f"{_DEFAULTS.ident_timeout:g}",
          "Seconds for the ident query, connect and answer together."],
-        ["ident-port", None, "113", "Port of the identd on client hosts."],
+        ["ident-port", None, str(_DEFAULTS.ident_port), "Port of the identd on client hosts."],
         ["bind-ports", None, None,
          "LOW-HIGH: BIND listens only on ports in this range."],
         ["bind-address", None, None,
@@ -214,10 +216,10 @@ class _ReloadOnHangup(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet import reactor
+        reactor = cast(IReactorFromThreads, global_reactor())
 
         def hangup(signum: int, frame: Any) -> None:
-            cast(IReactorFromThreads, reactor).callFromThread(self.policy.reload)
+            reactor.callFromThread(self.policy.reload)
 
         self._previous = signal.signal(signal.SIGHUP, hangup)
 

@@ -424,6 +424,10 @@ def test_client_leaving_closes_the_listener_at_once(
     [event] = access_events
     assert event["command"] == "BIND"
     assert "client closed" in event["reason"]
+    # what happened: the first reply went out, no second one did
+    assert event["replies"] == [90] and event["code"] is None
+    assert "before the second reply" in event["reason"]
+    assert " BIND " in event["summary"] and " -> - (" in event["summary"]
 
 
 def test_client_half_close_closes_the_listener(reactor: BindReactor) -> None:

@@ -37,13 +37,10 @@ from socksident.ident import (
     MalformedResponse,
     ResponseReader,
 )
-from socksident.server import (
+from socksident.server import ServerSettings, SOCKS4ServerFactory
+from socksident.socks4 import (
     HTTP_NOT_A_WEB_PROXY,
     SOCKS5_NO_ACCEPTABLE_METHODS,
-    ServerSettings,
-    SOCKS4ServerFactory,
-)
-from socksident.socks4 import (
     MAX_HOSTNAME_LENGTH,
     MAX_USER_ID_LENGTH,
     Command,

@@ -12,7 +12,8 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import capturedLogs
 
-from socksident.ident import IdentAnswer, IdentMode, IdentOutcome
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.policy import IdentMode
 from socksident.policy import Decision, DecisionResult, PolicyContext
 from socksident.rules import (
     Action,
@@ -107,7 +108,11 @@ class Policy:
         self.policy = RulesPolicy(str(self.path), mode, run_command=self.commands.append)
 
     def check(self, req: Request, ctx: Optional[PolicyContext] = None) -> Decision:
-        return result(self.policy.check(req, ctx or context(addresses=(req.address,))))
+        """Decide, then run `on_granted` as the server does once it replied 90."""
+        decision = result(self.policy.check(req, ctx or context(addresses=(req.address,))))
+        if decision.granted and decision.on_granted is not None:
+            decision.on_granted()
+        return decision
 
     def line(self, decision: Decision) -> int:
         assert decision.rule is not None, decision
@@ -707,9 +712,10 @@ def test_a_failing_runner_does_not_change_the_decision(tmp_path: Path) -> None:
     def broken(command: str) -> None:
         raise OSError("no /bin/sh")
 
+    decision = result(RulesPolicy(str(path), run_command=broken).check(request(), context()))
+    assert decision.granted and decision.on_granted is not None
     with capturedLogs() as events:
-        decision = result(RulesPolicy(str(path), run_command=broken).check(request(), context()))
-    assert decision.granted
+        decision.on_granted()
     assert [e["command"] for e in events if e.get("log_failure")] == ["echo hi"]
 
 
@@ -770,8 +776,11 @@ def test_decision_under_way_keeps_its_rules(tmp_path: Path) -> None:
     policy.path.write_text("#BAD_ID: new-bad\npermit ?=I 10.0.0.0/8 : new-ok\n")
     assert policy.policy.reload() is True
     first.pending.callback(ALICE)
+    granted = result(pending_ok)
+    assert granted.on_granted is not None
+    granted.on_granted()  # the reply 90, after the reload
     second.pending.callback(MALLORY)
-    assert result(pending_ok).rule == f"{policy.path}:2"
+    assert granted.rule == f"{policy.path}:2"
     assert result(pending_bad).code is ReplyCode.IDENT_MISMATCH
     assert policy.commands == ["old-ok", "old-bad"]
 

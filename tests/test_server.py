@@ -9,12 +9,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident.ident import IdentAnswer, IdentMode, IdentOutcome
-from socksident.policy import DefaultPolicy, Decision, IPolicy, PolicyContext
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.policy import Decision, DefaultPolicy, IdentMode, IPolicy, PolicyContext
 from socksident.server import ServerSettings, SOCKS4ServerFactory
+from socksident.state import TRANSITIONS, InvalidTransition, State
 from socksident.socks4 import Command, ReplyCode, build_reply, build_request
 
 
@@ -545,3 +547,149 @@ def test_a_failing_ident_query_is_an_internal_error_at_once(access_events):
     assert h.client.value() == build_reply(ReplyCode.REJECTED)
     assert "internal error" in access_events[0]["reason"]
     assert h.reactor.getDelayedCalls() == []
+
+
+# -- the state machine -----------------------------------------------------------
+
+
+def test_the_transition_table():
+    assert TRANSITIONS == {
+        State.REQUEST: {State.PENDING, State.CLOSED},
+        State.PENDING: {State.BIND_WAIT, State.RELAY, State.CLOSED},
+        State.BIND_WAIT: {State.RELAY, State.CLOSED},
+        State.RELAY: {State.CLOSED},
+        State.CLOSED: set(),
+    }
+
+
+def test_a_move_outside_the_table_is_refused():
+    h = Harness()
+    with pytest.raises(InvalidTransition, match="REQUEST -> RELAY"):
+        h.proto._enter(State.RELAY)
+    assert h.proto.state is State.REQUEST
+    h.relayed()
+    with pytest.raises(InvalidTransition):
+        h.proto._enter(State.PENDING)
+
+
+def test_states_along_a_granted_connect():
+    h = Harness()
+    assert h.proto.state is State.REQUEST
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.proto.state is State.PENDING
+    h.connect_outbound()
+    assert h.proto.state is State.RELAY
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert h.proto.state is State.CLOSED
+
+
+# -- every ending writes exactly one record ---------------------------------------
+
+
+def test_a_request_timeout_writes_one_record(access_events):
+    h = Harness()
+    h.send(b"\x04\x01\x00")
+    h.reactor.advance(30)
+    assert h.client.disconnecting and h.client.value() == b""
+    h.proto.connectionLost(Failure(Exception("closed")))
+    [event] = access_events
+    assert event["reason"] == "no complete request within 30 s"
+    assert event["code"] is None and event["replies"] == [] and event["command"] is None
+
+
+@pytest.mark.parametrize(
+    "first, reason",
+    [
+        (b"\x05\x01\x00", "sent a SOCKS5 greeting"),
+        (b"GET / HTTP/1.0\r\n", "sent what looks like HTTP"),
+        (b"\x16\x03\x01", "sent not SOCKS4"),
+    ],
+)
+def test_a_peer_that_is_not_socks4_writes_one_record(first, reason, access_events):
+    h = Harness()
+    h.send(first)
+    h.proto.connectionLost(Failure(Exception("closed")))
+    [event] = access_events
+    assert event["reason"].startswith(reason)
+    assert event["code"] is None and event["replies"] == []
+
+
+def test_a_client_leaving_before_its_request_writes_one_record(access_events):
+    h = Harness()
+    h.send(b"\x04\x01")
+    h.proto.connectionLost(Failure(Exception("gone")))
+    h.reactor.advance(60)
+    [event] = access_events
+    assert "before a complete request" in event["reason"]
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_a_malformed_request_writes_one_record(access_events):
+    h = Harness()
+    h.send(bytes([4, 9]))
+    h.proto.connectionLost(Failure(Exception("closed")))
+    h.reactor.advance(60)
+    [event] = access_events
+    assert event["code"] == 91 and event["refusal"] == "UnknownCommand"
+
+
+# -- the policy's on_granted: after the 90, never before ---------------------------
+
+
+@implementer(IPolicy)
+class GrantWithCallback:
+    def __init__(self, client: Optional[Transport] = None) -> None:
+        self.calls: list[bytes] = []
+        self.client = client
+
+    def check(self, request: Any, context: PolicyContext) -> Decision:
+        def granted() -> None:
+            self.calls.append(self.client.value() if self.client is not None else b"")
+
+        return Decision(ReplyCode.GRANTED, "ok", on_granted=granted)
+
+
+def test_on_granted_runs_once_the_client_has_its_90():
+    policy = GrantWithCallback()
+    h = Harness(policy=policy)
+    policy.client = h.client
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert policy.calls == []
+    h.connect_outbound()
+    assert policy.calls == [build_reply(ReplyCode.GRANTED, 80, "192.0.2.7")]
+
+
+def test_on_granted_does_not_run_when_the_connect_fails(access_events):
+    policy = GrantWithCallback()
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.refuse_outbound()
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert policy.calls == []
+
+
+# -- a bug is not a connect failure ---------------------------------------------------
+
+
+class BrokenConnectReactor(MemoryReactorClock):
+    def connectTCP(self, *args: Any, **kw: Any) -> Any:
+        raise TypeError("a programming error")
+
+
+def test_a_programming_error_while_connecting_is_an_internal_error(access_events):
+    h = Harness()
+    h.reactor = BrokenConnectReactor()
+    factory = SOCKS4ServerFactory(reactor=h.reactor, resolver=h.resolver, ident_query=h.ident)
+    proto = factory.buildProtocol(None)
+    client = Transport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+    )
+    proto.makeConnection(client)
+    with capturedLogs() as events:
+        proto.dataReceived(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert client.value() == build_reply(ReplyCode.REJECTED)
+    [failure] = [e["log_failure"] for e in events if "log_failure" in e]
+    assert failure.check(TypeError)
+    assert access_events[0]["reason"].startswith("internal error: TypeError")

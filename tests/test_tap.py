@@ -4,8 +4,8 @@ import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.python import usage
 
-from socksident.ident import IdentMode
-from socksident.policy import DefaultPolicy
+from socksident.policy import DefaultPolicy, IdentMode
+from socksident.settings import ServerSettings
 from socksident.tap import DEFAULT_PORT, ListenError, Options, makeService
 
 
@@ -26,6 +26,11 @@ def test_defaults_are_safe_and_documented():
     assert not settings.bind_without_connect
     assert isinstance(options["policy"], DefaultPolicy)
     assert options["policy"].ident_mode is IdentMode.OFF
+
+
+def test_option_defaults_are_the_settings_defaults():
+    """Each default is written once, in ServerSettings; the options derive theirs."""
+    assert parse()["settings"] == ServerSettings()
 
 
 def test_ports_are_repeatable_and_a_bare_number_is_tcp():

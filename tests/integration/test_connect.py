@@ -30,11 +30,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident.policy import DefaultPolicy, IPolicy
-from socksident.server import (
+from socksident.socks4 import (
     HTTP_NOT_A_WEB_PROXY,
     SOCKS5_NO_ACCEPTABLE_METHODS,
-)
-from socksident.socks4 import (
     Command,
     ReplyCode,
     build_reply,
@@ -578,12 +576,15 @@ async def test_not_socks4_then_next_client_is_served(
         assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
     else:
         assert answer == b"\x05\xff"
-    assert log_capture.access == []  # not a SOCKS4 request: no access-log record
+    # not a SOCKS4 request: no reply code, and still its one access record
+    [record] = log_capture.access
+    assert record["code"] is None and record["replies"] == []
+    assert record["reason"].startswith("sent ") and record["command"] is None
     payload = b"the next client " + os.urandom(1000)
     reply, echoed = await in_thread(_early_echo, proxy.port, echo_server.port, payload)
     assert reply[0] == ReplyCode.GRANTED
     assert echoed == payload
-    [event] = await log_capture.wait_for_access(1)
+    [_, event] = await log_capture.wait_for_access(2)
     assert (event["code"], event["bytes_up"]) == (ReplyCode.GRANTED, len(payload))
 
 
@@ -651,10 +652,16 @@ async def test_twistd_end_to_end(http_server, tmp_path):
         )
         assert (code, err) == (0, b"")
         assert out == http_server.body
-        await wait_until(
-            lambda: b"socksident.access" in process.out, 10, "the access-log line on stdout"
-        )
-        [line] = [x for x in process.out.splitlines() if b"socksident.access" in x]
+        def served() -> list[bytes]:
+            # The readiness probe above is a client too: its line says it
+            # sent no request.
+            return [
+                x for x in process.out.splitlines()
+                if b"socksident.access" in x and b"(no valid request)" not in x
+            ]
+
+        await wait_until(lambda: served() != [], 10, "the access-log line on stdout")
+        [line] = served()
         assert b" user='gina' " in line
         assert b" CONNECT localhost:%d [127.0.0.1] -> 90 " % http_server.port in line
     finally:
