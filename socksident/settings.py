@@ -31,3 +31,4 @@ class ServerSettings:
     max_user_id_length: int = MAX_USER_ID_LENGTH
     max_hostname_length: int = MAX_HOSTNAME_LENGTH
     early_data_limit: int = 64 * 1024  # buffered client bytes before its reply
+    workers: int = 1  # server processes (`--workers`); 1: this process serves

@@ -6,7 +6,7 @@ import ipaddress
 import math
 import signal
 import socket
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from twisted.application import internet, service
 from twisted.internet.endpoints import serverFromString
@@ -19,6 +19,7 @@ from socksident._types import global_reactor
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
 from socksident.settings import ServerSettings
+from socksident.workers import WorkerPool, check_endpoints, parse_workers
 
 __all__ = ["DEFAULT_PORT", "ListenError", "Options", "endpoint_description", "makeService"]
 
@@ -121,6 +122,9 @@ class Options(usage.Options):
         ["bind-address", None, None,
          "BIND listens on this IP address instead of the one the client connected to "
          "(a proxy whose application servers are on another interface)."],
+        ["workers", None, str(_DEFAULTS.workers),
+         "Serve with this many processes (auto: one per CPU); each client host "
+         "always reaches the same one.  tcp: and tcp6: ports only."],
     ]
 
     def __init__(self) -> None:
@@ -148,12 +152,15 @@ class Options(usage.Options):
             import sys
 
             options = sys.argv[1:]
+        self["argv"] = list(options)  # what --workers passes on to each worker
         super().parseOptions(_expand_bare_ident(list(options)))
 
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
         self["endpoints"] = [_endpoint(description) for description in self["ports"]]
+        self["workers"] = parse_workers(self["workers"])
+        check_endpoints(self["workers"], self["ports"], self["endpoints"])
         idle = _seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
         try:
             ident_port = int(self["ident-port"])
@@ -177,11 +184,13 @@ class Options(usage.Options):
     def _policy(self) -> IPolicy:
         if self["rules"] is None:
             return DefaultPolicy(self["ident"])
-        from socksident.commands import CommandRunner
+        from socksident.commands import MAX_RUNNING, CommandRunner
         from socksident.rules import RulesError, RulesPolicy
 
+        # The cap holds for the server as a whole: each worker has its share.
+        runner = CommandRunner(max_running=max(1, MAX_RUNNING // self["workers"]))
         try:
-            return RulesPolicy(self["rules"], self["ident"], run_command=CommandRunner())
+            return RulesPolicy(self["rules"], self["ident"], run_command=runner)
         except RulesError as error:
             raise usage.UsageError(str(error))
 
@@ -263,11 +272,29 @@ class _Listener(internet.StreamServerEndpointService):
             raise ListenError(f"--port {self.description}: {error.socketError}") from None
 
 
-def makeService(options: Options) -> service.MultiService:
+#: Builds the service that serves one --port: (description, endpoint, factory).
+ListenerMaker = Callable[[str, Any, SOCKS4ServerFactory], service.IService]
+
+
+def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> service.MultiService:
+    """The server; with --workers N > 1, the parent that runs N of them.
+
+    A worker passes its `listener`, which adopts the parent's sockets.
+    """
     top = service.MultiService()
+    if options["workers"] > 1 and listener is None:
+        WorkerPool(
+            options["workers"],
+            options["argv"],
+            options["ports"],
+            options["endpoints"],
+            reload_on_hangup=hasattr(options["policy"], "reload"),
+        ).setServiceParent(top)
+        return top
     factory = SOCKS4ServerFactory(options["policy"], options["settings"])
+    make_listener: ListenerMaker = listener if listener is not None else _Listener
     for description, endpoint in zip(options["ports"], options["endpoints"]):
-        _Listener(description, endpoint, factory).setServiceParent(top)
+        make_listener(description, endpoint, factory).setServiceParent(top)
     if hasattr(options["policy"], "reload"):
         _ReloadOnHangup(options["policy"]).setServiceParent(top)
     _Announce(options["ports"]).setServiceParent(top)

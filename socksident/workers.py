@@ -1,0 +1,476 @@
+"""`--workers N`: N server processes behind the same listening ports.
+
+The process twistd runs (the parent) serves nothing itself.  It binds each
+`--port` as a `reuseport.ListeningGroup` of N sockets, so each client host
+always reaches the same worker, and starts worker k as
+``python -m socksident.workers`` with the same socks4 options and socket k of
+every group as inherited descriptors.  A worker builds the ordinary service
+(`tap.makeService`) with listeners that adopt those sockets, and runs its own
+reactor, without twistd.
+
+What was per process stays correct per client host: the CONNECTs a BIND may
+follow and per-host limits live in the one worker that sees all of a host's
+connections.  The rule-command cap is divided among the workers.
+
+The parent is the one log writer: a worker publishes every log event to it
+as a JSON line on descriptor 3, and the parent re-publishes it (tagged
+``worker k`` in the text log, ``worker`` in the event) to its own
+observers: twistd's log file and whatever else observes there.  It restarts
+a worker that dies (with a backoff when it keeps dying), forwards SIGHUP
+(the rules reload in every worker) and on shutdown stops the workers with
+SIGTERM and waits for each.  A worker whose parent vanishes is sent SIGTERM
+by the kernel (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, Optional, Sequence, cast
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    eventAsJSON,
+    eventFromJSON,
+    globalLogBeginner,
+    globalLogPublisher,
+)
+from twisted.python import usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socksident._types import global_reactor
+from socksident.reuseport import ListeningGroup, open_group
+
+__all__ = [
+    "EVENTS_FD",
+    "FIRST_LISTEN_FD",
+    "MAX_RESTART_DELAY",
+    "RESTART_DELAY",
+    "STABLE_AFTER",
+    "STOP_TIMEOUT",
+    "AdoptedListener",
+    "WorkerPool",
+    "check_endpoints",
+    "parse_workers",
+    "restart_delay",
+    "worker_main",
+]
+
+log = Logger()
+
+#: The worker's descriptor for its log events (JSON lines to the parent).
+EVENTS_FD = 3
+#: Worker descriptors from here on are its listening sockets, one per --port.
+FIRST_LISTEN_FD = 4
+#: Seconds before the first restart of a worker that died; doubles for each
+#: further death of a worker that ran less than STABLE_AFTER seconds.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 10.0
+#: Seconds the parent waits for a worker after SIGTERM before SIGKILL.
+STOP_TIMEOUT = 60.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_workers(value: str) -> int:
+    """``--workers``: a positive number, or ``auto`` for one per CPU."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise usage.UsageError(f"--workers takes a positive number or auto, not {value!r}")
+    return count
+
+
+def check_endpoints(count: int, descriptions: Sequence[str], endpoints: Sequence[Any]) -> None:
+    """Several workers share only plain TCP listeners (tcp: and tcp6:)."""
+    if count == 1:
+        return
+    for description, endpoint in zip(descriptions, endpoints):
+        if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint):
+            raise usage.UsageError(
+                f"--workers {count} serves tcp: and tcp6: ports only, not --port {description!r}"
+                " (use --workers 1 for it)"
+            )
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker after `failures` quick deaths in a row."""
+    return float(min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** max(0, failures - 1)))
+
+
+def _tcp_address(endpoint: Any) -> tuple[socket.AddressFamily, str, int, int]:
+    """Family, interface, port and backlog of a tcp:/tcp6: endpoint."""
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+    interface = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return family, interface, int(endpoint._port), int(endpoint._backlog)
+
+
+# -- the parent --------------------------------------------------------------------------
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """One worker process as the parent sees it: its log stream and its end."""
+
+    def __init__(self, pool: "WorkerPool", index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.pid: Optional[int] = None
+        self.started = 0.0
+        self.ended: Deferred[None] = Deferred()
+        self._partial: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.pop(childFD, b"") + data).split(b"\n")
+        if lines[-1]:
+            self._partial[childFD] = lines[-1]
+        for line in lines[:-1]:
+            if line:
+                self._line(childFD, line)
+
+    def _line(self, childFD: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if childFD == EVENTS_FD:
+            try:
+                event = eventFromJSON(text)
+            except ValueError:
+                log.warn("worker {worker}: {line}", worker=self.index, line=text)
+                return
+            self.pool.publish(self.index, event)
+        else:
+            stream = "stdout" if childFD == 1 else "stderr"
+            log.warn("worker {worker} {stream}: {line}", worker=self.index, stream=stream,
+                     line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in sorted(self._partial.items()):
+            self._line(childFD, rest)
+        self._partial.clear()
+        self.pool.ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(service.Service):
+    """Binds the ports, starts and restarts the workers, fans out signals."""
+
+    def __init__(
+        self,
+        count: int,
+        argv: Sequence[str],
+        descriptions: Sequence[str],
+        endpoints: Sequence[Any],
+        reload_on_hangup: bool,
+        reactor: Any = None,
+    ) -> None:
+        self.count = count
+        self.argv = list(argv)
+        self.descriptions = list(descriptions)
+        self.endpoints = list(endpoints)
+        self.reload_on_hangup = reload_on_hangup
+        self.groups: list[ListeningGroup] = []
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._reactor = reactor
+        self._failures = [0] * count
+        self._restarts: dict[int, Any] = {}
+        self._stopping = False
+        self._previous_hangup: Any = None
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            self._reactor = global_reactor()
+        return self._reactor
+
+    def privilegedStartService(self) -> None:
+        """Bind now: before twistd drops privileges, and so a busy port stops start-up."""
+        from socksident.tap import ListenError
+
+        super().privilegedStartService()
+        for description, endpoint in zip(self.descriptions, self.endpoints):
+            family, host, port, backlog = _tcp_address(endpoint)
+            try:
+                self.groups.append(open_group(family, host, port, backlog, self.count))
+            except OSError as error:
+                for group in self.groups:
+                    group.close()
+                self.groups.clear()
+                raise ListenError(f"--port {description}: {error}") from None
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.groups:
+            self.privilegedStartService()
+        if self.reload_on_hangup:
+            reactor = cast(IReactorFromThreads, self.reactor)
+
+            def hangup(signum: int, frame: Any) -> None:
+                reactor.callFromThread(self.signal_all, "HUP")
+
+            self._previous_hangup = signal.signal(signal.SIGHUP, hangup)
+        ports = ", ".join(f"{d} (port {g.port})" for d, g in zip(self.descriptions, self.groups))
+        log.info(
+            "socksident SOCKS4/4A server listening on {ports} with {count} workers",
+            ports=ports,
+            count=self.count,
+        )
+        for index in range(self.count):
+            self.spawn(index)
+
+    def command(self, index: int) -> list[str]:
+        """The worker's command line: this Python, this reactor, the same options."""
+        module = type(self.reactor).__module__
+        fds = ",".join(str(FIRST_LISTEN_FD + n) for n in range(len(self.groups)))
+        return [
+            sys.executable, "-m", "socksident.workers",
+            "--index", str(index), "--reactor", module, "--listen-fds", fds,
+            "--parent", str(os.getpid()), "--", *self.argv,
+        ]  # fmt: skip
+
+    def spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        protocol = _WorkerProtocol(self, index)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", EVENTS_FD: "r"}
+        for n, group in enumerate(self.groups):
+            child_fds[FIRST_LISTEN_FD + n] = group.sockets[index].fileno()
+        protocol.started = self.reactor.seconds()
+        self.reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            self.command(index),
+            env=dict(os.environ),
+            childFDs=child_fds,
+        )
+        self.workers[index] = protocol
+        log.info("worker {worker} started, pid {pid}", worker=index, pid=protocol.pid)
+
+    def publish(self, index: int, event: dict[str, Any]) -> None:
+        """A worker's log event, to this process's observers, saying which worker."""
+        level = event.get("log_level")
+        level_name = getattr(level, "name", "info")
+        namespace = event.get("log_namespace", "-")
+        event["worker"] = index
+        event["log_system"] = f"{namespace}#{level_name} worker {index}"
+        globalLogPublisher(event)
+
+    def ended(self, protocol: _WorkerProtocol, reason: Failure) -> None:
+        index = protocol.index
+        if self.workers.get(index) is protocol:
+            del self.workers[index]
+        how = _exit_description(reason)
+        if self._stopping:
+            log.info("worker {worker} (pid {pid}) stopped: {how}", worker=index,
+                     pid=protocol.pid, how=how)
+            return
+        lived = self.reactor.seconds() - protocol.started
+        self._failures[index] = 1 if lived >= STABLE_AFTER else self._failures[index] + 1
+        delay = restart_delay(self._failures[index])
+        log.warn(
+            "worker {worker} (pid {pid}) {how} after {lived:.1f} s; restarting in {delay:g} s",
+            worker=index,
+            pid=protocol.pid,
+            how=how,
+            lived=lived,
+            delay=delay,
+        )
+        self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    def signal_all(self, name: str) -> None:
+        for protocol in list(self.workers.values()):
+            _signal(protocol, name)
+
+    def stopService(self) -> "Deferred[Any]":
+        """SIGTERM every worker; fire once all have exited (SIGKILL after STOP_TIMEOUT)."""
+        super().stopService()
+        self._stopping = True
+        if self._previous_hangup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hangup)
+            self._previous_hangup = None
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        running = list(self.workers.values())
+        if not running:
+            self._close_groups()
+            return succeed(None)
+        for protocol in running:
+            _signal(protocol, "TERM")
+        kill = self.reactor.callLater(STOP_TIMEOUT, self._kill_remaining)
+
+        def done(_: object) -> None:
+            if kill.active():
+                kill.cancel()
+            self._close_groups()
+
+        return DeferredList([p.ended for p in running]).addCallback(done)
+
+    def _kill_remaining(self) -> None:
+        for protocol in list(self.workers.values()):
+            log.warn("worker {worker} (pid {pid}) still running {timeout:g} s after SIGTERM; "
+                     "killing it", worker=protocol.index, pid=protocol.pid, timeout=STOP_TIMEOUT)
+            _signal(protocol, "KILL")
+
+    def _close_groups(self) -> None:
+        for group in self.groups:
+            group.close()
+        self.groups.clear()
+
+
+def _signal(protocol: _WorkerProtocol, name: str) -> None:
+    try:
+        if protocol.transport is not None:
+            protocol.transport.signalProcess(name)
+    except (ProcessExitedAlready, OSError):
+        pass
+
+
+def _exit_description(reason: Failure) -> str:
+    status = getattr(reason.value, "status", None)
+    code = getattr(reason.value, "exitCode", None)
+    number = getattr(reason.value, "signal", None)
+    if number is None and isinstance(status, int) and os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+    if number is not None:
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exited with status {code}"
+
+
+# -- a worker ---------------------------------------------------------------------------
+
+
+class AdoptedListener(service.Service):
+    """Serves a listening socket the parent opened (`IReactorSocket.adoptStreamPort`)."""
+
+    def __init__(self, description: str, fd: int, factory: Factory, reactor: Any = None) -> None:
+        self.description = description
+        self.fd = fd
+        self.factory = factory
+        self._reactor = reactor
+        self.port: Optional[IListeningPort] = None
+
+    def startService(self) -> None:
+        super().startService()
+        reactor = self._reactor if self._reactor is not None else global_reactor()
+        probe = socket.socket(fileno=os.dup(self.fd))  # learns the socket's family
+        try:
+            family = probe.family
+        finally:
+            probe.close()
+        self.port = reactor.adoptStreamPort(self.fd, family, self.factory)
+        os.close(self.fd)  # the port holds its own duplicate
+
+    def stopService(self) -> "Deferred[Any]":
+        super().stopService()
+        if self.port is None:
+            return succeed(None)
+        port, self.port = self.port, None
+        return cast("Deferred[Any]", port.stopListening())
+
+
+@implementer(ILogObserver)
+class _EventsToParent:
+    """Writes each event as one JSON line to the parent (the one log writer)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        event.pop("access_record", None)  # the value lives in its fields
+        self.stream.write(eventAsJSON(event) + "\n")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM from the kernel when the parent exits, however it exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stopping_anyway(signum: int, frame: Any) -> None:
+    """SIGTERM once the reactor has stopped: the worker is exiting already."""
+
+
+def _arguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m socksident.workers",
+        description="One worker of `twistd socks4 --workers N`; started by that parent.",
+    )
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--reactor", required=True, help="module whose install() to call")
+    parser.add_argument("--listen-fds", required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("socks4", nargs=argparse.REMAINDER)
+    arguments = parser.parse_args(argv)
+    if arguments.socks4[:1] == ["--"]:
+        arguments.socks4 = arguments.socks4[1:]
+    return arguments
+
+
+def worker_main(argv: Sequence[str], make_service: Optional[Callable[..., Any]] = None) -> int:
+    """Run one worker until SIGTERM: the parent's options, adopted sockets, own reactor."""
+    arguments = _arguments(argv)
+    _die_with_parent(arguments.parent)
+    importlib.import_module(arguments.reactor).install()
+    from twisted.internet import reactor
+
+    stream = os.fdopen(EVENTS_FD, "w", buffering=1, encoding="utf-8")
+    globalLogBeginner.beginLoggingTo([_EventsToParent(stream)], redirectStandardIO=False)
+    from socksident import tap
+
+    options = tap.Options()
+    try:
+        options.parseOptions(arguments.socks4)
+    except usage.UsageError as error:
+        log.error("worker {worker}: {error}", worker=arguments.index, error=str(error))
+        return 2
+    fds = [int(fd) for fd in arguments.listen_fds.split(",") if fd]
+    adopted = iter(fds)
+
+    def listener(description: str, endpoint: Any, factory: Factory) -> service.IService:
+        return AdoptedListener(description, next(adopted), factory)
+
+    build = make_service if make_service is not None else tap.makeService
+    top = build(options, listener=listener)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    log.info("worker {worker} (pid {pid}) serving", worker=arguments.index, pid=os.getpid())
+    # The parent stops workers with SIGTERM: a terminal's SIGINT to the whole
+    # group waits for it, and a second SIGTERM after the reactor has put its
+    # own handler back (on its way out) must not turn a clean exit into a kill.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stopping_anyway)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    from socksident import workers  # the importable module, not this __main__ copy
+
+    sys.exit(workers.worker_main(sys.argv[1:]))
