@@ -322,9 +322,20 @@ class WorkerPool(service.Service):
         def done(_: object) -> None:
             if kill.active():
                 kill.cancel()
+                self._exit_cleanly()
             self._close_groups()
 
         return DeferredList([p.ended for p in running]).addCallback(done)
+
+    def _exit_cleanly(self) -> None:
+        """Every worker stopped in time: twistd exits 0, not by re-raising SIGTERM.
+
+        twistd remembers the signal that stopped its reactor and kills itself
+        with it at the end; after a complete, clean stop of all workers the
+        parent's status says so instead.
+        """
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
     def _kill_remaining(self) -> None:
         for protocol in list(self.workers.values()):
