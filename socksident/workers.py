@@ -328,13 +328,13 @@ class WorkerPool(service.Service):
         return DeferredList([p.ended for p in running]).addCallback(done)
 
     def _exit_cleanly(self) -> None:
-        """Every worker stopped in time: twistd exits 0, not by re-raising SIGTERM.
+        """Every worker stopped in time: twistd exits 0, not by re-raising SIGTERM/SIGINT.
 
         twistd remembers the signal that stopped its reactor and kills itself
         with it at the end; after a complete, clean stop of all workers the
         parent's status says so instead.
         """
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             self.reactor._exitSignal = None
 
     def _kill_remaining(self) -> None:
