@@ -25,6 +25,7 @@ by the kernel (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import importlib
 import os
@@ -47,7 +48,7 @@ from twisted.logger import (
     globalLogBeginner,
     globalLogPublisher,
 )
-from twisted.python import usage
+from twisted.python import reflect, usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -413,6 +414,12 @@ class _EventsToParent:
     def __call__(self, event: dict[str, Any]) -> None:
         event = dict(event)
         event.pop("access_record", None)  # the value lives in its fields
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            # An exception does not survive JSON; its text does.
+            failure = copy.copy(failure)
+            failure.value = reflect.safe_str(failure.value)  # type: ignore[assignment]
+            event["log_failure"] = failure
         self.stream.write(eventAsJSON(event) + "\n")
 
 

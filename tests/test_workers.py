@@ -275,3 +275,18 @@ def test_an_adopted_listener_serves_the_inherited_socket_in_its_family():
     assert reactor.adoptedPorts[0][1:] == (socket.AF_INET6, factory)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: the port keeps its own descriptor
+
+
+def test_a_workers_traceback_reaches_the_parent_with_the_exception_text():
+    from twisted.logger import eventFromJSON, formatEventAsClassicLogText
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    stream = io.StringIO()
+    workers._EventsToParent(stream)({"log_format": "oops", "log_failure": failure,
+                                     "log_level": LogLevel.critical, "log_time": 1.0})
+    text = formatEventAsClassicLogText(eventFromJSON(stream.getvalue()))
+    assert "ZeroDivisionError: division by zero" in text and "Traceback" in text
+    assert isinstance(failure.value, ZeroDivisionError)  # the worker's own copy is untouched
