@@ -32,7 +32,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable, Optional, Sequence, cast
+from typing import Any, Optional, Sequence, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -451,7 +451,7 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     return arguments
 
 
-def worker_main(argv: Sequence[str], make_service: Optional[Callable[..., Any]] = None) -> int:
+def worker_main(argv: Sequence[str]) -> int:
     """Run one worker until SIGTERM: the parent's options, adopted sockets, own reactor."""
     arguments = _arguments(argv)
     _die_with_parent(arguments.parent)
@@ -474,8 +474,7 @@ def worker_main(argv: Sequence[str], make_service: Optional[Callable[..., Any]] 
     def listener(description: str, endpoint: Any, factory: Factory) -> service.IService:
         return AdoptedListener(description, next(adopted), factory)
 
-    build = make_service if make_service is not None else tap.makeService
-    top = build(options, listener=listener)
+    top = tap.makeService(options, listener=listener)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     log.info("worker {worker} (pid {pid}) serving", worker=arguments.index, pid=os.getpid())
