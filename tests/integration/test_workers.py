@@ -1,7 +1,8 @@
 """`twistd socks4 --workers 2`: real processes, in a private network namespace.
 
 `workers_scenario.py` runs once per module under ``unshare -n`` (fixed
-ports, clients on twelve loopback addresses) and reports JSON; each test
+ports, clients on twelve IPv4 and eight IPv6 loopback addresses, a tcp
+and a tcp6 --port) and reports JSON; each test
 below checks one part: every client host always reaches the worker the BPF
 program names, BIND after CONNECT works for every host, a killed worker is
 restarted and serves its hosts, one SIGHUP reloads the rules in every
@@ -58,7 +59,7 @@ def test_each_client_host_always_reaches_the_worker_the_program_names(report):
     for connect in report["affinity"]:
         assert connect["code"] == 90 and connect["echoed"], connect
         workers[connect["source"]].add(connect["worker"])
-    assert len(workers) == 12
+    assert len(workers) == 12 + 8  # IPv4 on the tcp port, IPv6 on the tcp6 port
     for source, seen in workers.items():
         assert seen == {worker_for(source, 2)}, (source, seen)
     assert set().union(*workers.values()) == {0, 1}  # both workers served

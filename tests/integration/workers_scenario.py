@@ -2,11 +2,12 @@
 
 Run by tests/integration/test_workers.py as root under ``unshare -n``, so the
 proxy can take a fixed port and clients can come from many loopback
-addresses (127.0.0.1-127.0.0.12).  It starts an echo server and the real
-twistd with two workers and a rules file, then, in order:
+addresses (127.0.0.1-127.0.0.12, and fd00::2-fd00::9 on lo).  It starts an
+echo server and the real twistd with two workers, a tcp and a tcp6 --port
+and a rules file, then, in order:
 
-affinity    three CONNECTs from each client address; the access lines say
-            which worker served each one
+affinity    three CONNECTs from each client address (IPv6 ones to the tcp6
+            port); the access lines say which worker served each one
 bind        from each address a CONNECT held open, then a BIND to the same
             destination: both replies must be 90 whichever worker serves it
 kill        SIGKILL to worker 0; the parent logs it and starts a new one,
@@ -35,13 +36,15 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 PROXY_PORT = 1080
+PROXY6_PORT = 1082  # a second --port: tcp6 on ::1
 ECHO_PORT = 7
 BUSY_PORT = 1081
 CLIENTS = [f"127.0.0.{n}" for n in range(1, 13)]
+CLIENTS6 = [f"fd00::{n}" for n in range(2, 10)]
 WAIT = 20.0
 T = TypeVar("T")
 
-PERMIT = "permit 127.0.0.0 255.0.0.0\n"
+PERMIT = "permit 127.0.0.0 255.0.0.0\npermit fd00::/16\n"
 DENY = "deny 127.0.0.0 255.0.0.0\n"
 
 
@@ -86,10 +89,12 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def open_client(source: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A connection to the proxy from `source`: tcp on 127.0.0.1, or tcp6 on ::1."""
+    ipv6 = ":" in source
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(WAIT)
     sock.bind((source, 0))
-    sock.connect(("127.0.0.1", PROXY_PORT))
+    sock.connect(("::1", PROXY6_PORT) if ipv6 else ("127.0.0.1", PROXY_PORT))
     return sock
 
 
@@ -178,12 +183,16 @@ def pid_exists(pid: int) -> bool:
 def run(workdir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {}
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    for source in CLIENTS6:
+        subprocess.run(["ip", "-6", "addr", "add", f"{source}/128", "dev", "lo", "nodad"],
+                       check=True)
     echo = EchoServer(("127.0.0.1", ECHO_PORT), _Echo)
     threading.Thread(target=echo.serve_forever, args=(0.05,), daemon=True).start()
     rules = workdir / "sockd.conf"
     rules.write_text(PERMIT)
     proxy = Twistd(workdir, "--workers", "2", "--port",
-                   f"tcp:{PROXY_PORT}:interface=127.0.0.1", "--rules", str(rules))
+                   f"tcp:{PROXY_PORT}:interface=127.0.0.1", "--port",
+                   f"tcp6:{PROXY6_PORT}:interface=\\:\\:1", "--rules", str(rules))
     try:
         pids = {}
         for worker in (0, 1):
@@ -194,7 +203,7 @@ def run(workdir: Path) -> dict[str, Any]:
 
         # affinity
         connects = [connect_once(source, f"{source}-{n}".encode())
-                    for n in range(3) for source in CLIENTS]
+                    for n in range(3) for source in CLIENTS + CLIENTS6]
         poll(lambda: len(access_workers(proxy)) >= len(connects), "an access line per CONNECT")
         served = access_workers(proxy)
         report["affinity"] = [dict(c, worker=served.get(f"{c['source']}:{c['port']}"))
