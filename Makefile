@@ -4,10 +4,11 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 # Debian packages the integration tests drive: real clients, a real identd,
-# network namespaces and the BIND client (socksify).
-TEST_DEBS := curl oidentd dante-client iproute2 util-linux netbase
+# network namespaces, the BIND client (socksify), a SOCKS4 server we did not write
+# (danted) and gcc for the benchmark's smoke test.
+TEST_DEBS := curl oidentd dante-client dante-server iproute2 util-linux netbase gcc
 
-.PHONY: run test test-unit test-tools typecheck venv bench clean bench-compare
+.PHONY: run test test-unit test-tools typecheck venv bench bench-full bench-relay bench-tools clean fuzz fuzz-ci soak
 
 venv: $(STAMP)
 
@@ -34,6 +35,33 @@ test-tools:
 
 test: $(STAMP) test-tools typecheck
 	$(PYTHON) -m pytest -ra tests
+	$(MAKE) fuzz-ci
+
+# Coverage-guided fuzzing (atheris, from pip): `make fuzz FUZZ_SECONDS=600` runs
+# each target in fuzz/ that long; CI runs each for $(FUZZ_CI_SECONDS) s when
+# atheris installs, and must under SOCKSIDENT_STRICT_TESTS=1.
+FUZZ_SECONDS    ?= 60
+FUZZ_CI_SECONDS := 10
+
+fuzz: $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check atheris
+	$(PYTHON) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+fuzz-ci: $(STAMP)
+	@if $(PYTHON) -m pip install --quiet --disable-pip-version-check atheris; then \
+		$(PYTHON) fuzz/run.py --seconds $(FUZZ_CI_SECONDS); \
+	elif [ -n "$$SOCKSIDENT_STRICT_TESTS" ]; then \
+		echo "atheris does not install: the fuzz targets must run under SOCKSIDENT_STRICT_TESTS"; \
+		exit 1; \
+	else \
+		echo "atheris does not install here: fuzz targets skipped"; \
+	fi
+
+# The long soak: at least 100,000 requests through one real twistd.
+SOAK_REQUESTS ?= 100000
+
+soak: $(STAMP) test-tools
+	SOCKSIDENT_SOAK_REQUESTS=$(SOAK_REQUESTS) $(PYTHON) -m pytest -ra -s tests/integration/test_soak.py
 
 typecheck: $(STAMP)
 	$(PYTHON) -m mypy
@@ -41,11 +69,28 @@ typecheck: $(STAMP)
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -ra tests --ignore=tests/integration
 
-bench: $(STAMP)
+# The benchmark (benchmarks/bench.py): never part of `make test`.  It installs
+# what it compares against: Dante, oidentd, gcc for its C load generator, and
+# matplotlib for its plot.
+BENCH_DEBS  := dante-server oidentd gcc iproute2 util-linux
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) setup.py
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check \
+		--config-settings editable_mode=compat -e '.[test,typecheck,bench]'
+	touch $@
+
+bench-tools:
+	@$(MAKE) --no-print-directory test-tools TEST_DEBS="$(BENCH_DEBS)"
+
+bench: $(BENCH_STAMP) bench-tools
+	$(PYTHON) benchmarks/bench.py $(ARGS)
+
+bench-full: $(BENCH_STAMP) bench-tools
+	$(PYTHON) benchmarks/bench.py --full $(ARGS)
+
+bench-relay: $(STAMP)
 	$(PYTHON) benchmarks/relay_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
-
-bench-compare: $(STAMP)
-	$(PYTHON) benchmarks/compare.py

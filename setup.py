@@ -9,11 +9,15 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["socksident", "socksident.rules", "twisted.plugins"],
-    package_data={"socksident": ["py.typed"], "twisted": ["plugins/socksident_plugin.py"]},
+    package_data={"socksident": ["py.typed"], "twisted": ["plugins/socksident_plugin.py", "plugins/socksident_endpoint.py"]},
     install_requires=["twisted>=23.10", "pyopenssl", "service_identity"],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "pysocks", "python-socks", "hypothesis"],
+        "metrics": ["prometheus_client"],
+        "test": ["pytest", "pytest-twisted", "pysocks", "python-socks", "hypothesis",
+                 "prometheus_client"],
+        "fuzz": ["atheris"],
         "typecheck": ["mypy==2.4.1", "mypy-zope==1.0.17"],
+        "bench": ["matplotlib"],
     },
     classifiers=[
         "Framework :: Twisted",

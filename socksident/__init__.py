@@ -30,6 +30,8 @@ _EXPORTS = {
     "Request": "socksident.socks4",
     "RequestRejectedOrFailed": "socksident.socks4",
     "RulesPolicy": "socksident.rules",
+    "SOCKS4BindEndpoint": "socksident.client",
+    "SOCKS4ClientEndpoint": "socksident.client",
     "SOCKS4Refusal": "socksident.socks4",
     "SOCKS4Server": "socksident.server",
     "SOCKS4ServerFactory": "socksident.server",
@@ -43,6 +45,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from socksident.accesslog import AccessRecord
+    from socksident.client import SOCKS4BindEndpoint, SOCKS4ClientEndpoint
     from socksident.connection import ConnectionInfo
     from socksident.ident import IdentAnswer, IdentOutcome
     from socksident.identclient import query_ident

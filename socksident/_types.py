@@ -49,7 +49,7 @@ class ReactorTCPTime(ReactorTime, Protocol):
         host: str,
         port: int,
         factory: ClientFactory,
-        timeout: float = ...,
+        timeout: Optional[float] = ...,
         bindAddress: Optional[tuple[str, int]] = ...,
     ) -> Any: ...
 

@@ -47,6 +47,11 @@ class AccessRecord:
     ``replies`` are the reply codes in the order they were sent (a granted
     BIND has two); ``address`` is the IP connected to (BIND: the
     application server's); ``started`` is in the reactor's seconds.
+    ``cut_off`` names the relay side ("client", "remote" or "both") that
+    was aborted because it did not take its bytes within the linger time
+    after its peer was gone, and ``dropped`` counts the bytes it had not
+    taken; None and 0 when every side closed on its own.  ``next_hop`` is
+    the proxy the request was forwarded to (None: connected directly).
     """
 
     connection: ConnectionInfo
@@ -61,6 +66,11 @@ class AccessRecord:
     bytes_down: int
     started: float
     duration: float
+    cut_off: Optional[str] = None
+    dropped: int = 0
+    next_hop: Optional[str] = None  # the next hop the request went to, if any
+    next_hop_reply: Optional[str] = None  # what it answered: "90", "91", "unreachable: ..."
+    time_to_grant: Optional[float] = None  # seconds from accept to the (last) reply 90
 
     @property
     def code(self) -> Optional[ReplyCode]:
@@ -96,10 +106,14 @@ class AccessRecord:
                 f" {request.command.name} {request.destination}:{request.port}{via}"
             )
         code = self.code
+        cut = (
+            f" cut-off={self.cut_off} dropped={self.dropped}" if self.cut_off is not None else ""
+        )
+        hop = f" via {self.next_hop} [{self.next_hop_reply}]" if self.next_hop else ""
         return (
-            f"{self.connection.client}{asked} -> {int(code) if code is not None else '-'}"
+            f"{self.connection.client}{asked}{hop} -> {int(code) if code is not None else '-'}"
             f" ({self.reason}) up={self.bytes_up} down={self.bytes_down}"
-            f" in {self.duration:.3f}s"
+            f" in {self.duration:.3f}s{cut}"
         )
 
     def fields(self) -> dict[str, Any]:
@@ -111,11 +125,13 @@ class AccessRecord:
             "time": self.started,
             "client": self.connection.client,
             "listener": self.connection.listener,
+            "via": self.connection.via_text,
             "user": request.user_id if request else None,
             "command": request.command.name if request else None,
             "destination": request.destination if request else None,
             "port": request.port if request else None,
             "address": self.address,
+            "next_hop": self.next_hop,
             "code": int(code) if code is not None else None,
             "replies": [int(reply) for reply in self.replies],
             "reason": self.reason,
@@ -127,9 +143,13 @@ class AccessRecord:
             "ident_opsys": answer.opsys if answer else None,
             "ident_error": answer.error if answer else None,
             "ident_duration": answer.duration if answer else None,
+            "time_to_grant": self.time_to_grant,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "duration": self.duration,
+            "cut_off": self.cut_off,
+            "dropped": self.dropped,
+            "next_hop_reply": self.next_hop_reply,
         }
 
 

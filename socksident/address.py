@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from typing import Any, Optional, Union
 
-__all__ = ["IPAddress", "host_and_port", "ip_of", "is_unspecified", "plain_host"]
+__all__ = [
+    "IPAddress",
+    "host_and_port",
+    "ip_of",
+    "is_unspecified",
+    "not_local_because",
+    "plain_host",
+]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -48,3 +56,21 @@ def plain_host(host: str) -> str:
     if isinstance(address, ipaddress.IPv4Address):
         return str(address)
     return host
+
+
+def not_local_because(host: str) -> Optional[str]:
+    """Why this host cannot send from `host` (bind to it), or None when it can.
+
+    Behind a balancer the address a client connected to may be the
+    balancer's alone; a socket bound there is the only test that holds.
+    """
+    address = ip_of(host)
+    if address is None:
+        return f"{host!r} is not an IP address"
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host if "%" in host else str(address), 0))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None

@@ -9,8 +9,8 @@ carries them all, so no later step reads the transport again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 from socksident.address import host_and_port
 
@@ -23,7 +23,8 @@ class ConnectionInfo:
 
     ``client_*`` and ``server_*`` are the client as policies, rules and the
     log judge it and the address it connected to; ``local_*`` is this
-    socket's own end.  Without a PROXY header, server and local are the same.
+    socket's own end.  Without a PROXY header, server and local are the same
+    and ``via`` is None; behind a balancer ``via`` is the balancer's end.
     """
 
     client_host: str
@@ -32,6 +33,7 @@ class ConnectionInfo:
     server_port: int
     local_host: str
     local_port: int
+    via: Optional[tuple[str, int]] = None  # the balancer, when a PROXY header named the client
 
     @classmethod
     def of_transport(cls, transport: Any) -> "ConnectionInfo":
@@ -40,10 +42,31 @@ class ConnectionInfo:
         local_host, local_port = host_and_port(transport.getHost())
         return cls(client_host, client_port, local_host, local_port, local_host, local_port)
 
+    def with_header(
+        self, source: tuple[str, int], destination: tuple[str, int]
+    ) -> "ConnectionInfo":
+        """The client and listener a PROXY header names; the socket's peer becomes `via`.
+
+        The local end stays the socket's: only that is an address of this host.
+        """
+        return replace(
+            self,
+            client_host=source[0],
+            client_port=source[1],
+            server_host=destination[0],
+            server_port=destination[1],
+            via=(self.client_host, self.client_port),
+        )
+
     @property
     def client(self) -> str:
         """``host:port`` of the client, as the access log writes it."""
         return f"{self.client_host}:{self.client_port}"
+
+    @property
+    def via_text(self) -> Optional[str]:
+        """``host:port`` of the balancer, or None for a direct client."""
+        return f"{self.via[0]}:{self.via[1]}" if self.via is not None else None
 
     @property
     def listener(self) -> str:

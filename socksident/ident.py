@@ -176,6 +176,11 @@ class ResponseReader:
         self._buffer = bytearray()
         self.answer: Optional[IdentAnswer] = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete line: bounded by `MAX_RESPONSE_LINE`."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> Optional[IdentAnswer]:
         """Return the answer once its line ending has arrived, else None.
 

@@ -153,24 +153,17 @@ class _IdentQuery:
     def start(self) -> Deferred[IdentAnswer]:
         self._started = self._reactor.seconds()
         self._timer = cast(DelayedCall, self._reactor.callLater(self._timeout, self._timed_out))
-        log.debug(
-            "ident query {client_port} , {server_port} to {host}:{ident_port}"
-            " from {bind}",
-            client_port=self._ports[0],
-            server_port=self._ports[1],
-            host=self._host,
-            ident_port=self._ident_port,
-            bind=self._bind,
-        )
+        # No event here: twistd writes debug events too, and the answer's
+        # event (and the access record) already say who was asked.
         self._connecting = True
         try:
-            # The connector's own limit is longer than ours, so that the
-            # time-out is always reported (and counted) by our timer.
+            # No limit of the connector's own: our one timer reports (and
+            # counts) every time-out, and a request costs one timer less.
             connector = self._reactor.connectTCP(
                 self._host,
                 self._ident_port,
                 _IdentFactory(self),
-                timeout=self._timeout + 1,
+                timeout=None,
                 bindAddress=self._bind,
             )
         except Exception as e:

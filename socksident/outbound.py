@@ -1,36 +1,54 @@
 """Where a granted request goes: resolving its name, connecting to it.
 
 The server asks the policy between the two steps, so the policy sees every
-address a SOCKS4A name resolved to before anything is dialled.  Connection
+address a SOCKS4A name resolved to before anything is dialled; then the
+permitted addresses race (RFC 8305), which is why Twisted's
+`HostnameEndpoint`, resolving by itself, cannot be used.  Connection
 errors become a 91 refusal naming each address tried; anything else (a bug)
 propagates to the server's one "internal error" path with its traceback.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import (
     IAddress,
+    IConnector,
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
     IResolutionReceiver,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident._types import ReactorTCPTime
+from socksident._types import DelayedCall, ReactorTCPTime
 from socksident.address import is_unspecified
 from socksident.socks4 import Request, RequestRejectedOrFailed
 
-__all__ = ["ConnectFailed", "addresses_of", "connect", "resolve"]
+__all__ = [
+    "ConnectFailed",
+    "NotResolved",
+    "addresses_of",
+    "connect",
+    "connect_one",
+    "resolve",
+    "source_for",
+]
 
 
 class ConnectFailed(RequestRejectedOrFailed):
     """No address of the destination took the connection: 91."""
+
+
+class NotResolved(RequestRejectedOrFailed):
+    """A SOCKS4A name with no address here: 91, or the next hop's turn."""
 
 
 @implementer(IResolutionReceiver)
@@ -71,35 +89,219 @@ async def addresses_of(resolver: IHostnameResolver, request: Request) -> tuple[s
     else:
         addresses = await resolve(resolver, request.hostname, request.port)
     if not addresses:
-        raise RequestRejectedOrFailed(f"{request.destination} does not resolve")
+        raise NotResolved(f"{request.destination} does not resolve")
     if any(is_unspecified(address) for address in addresses):
         raise RequestRejectedOrFailed(f"{request.destination} is the unspecified address")
     return addresses
 
 
-async def connect(
+def _interleaved(addresses: tuple[str, ...]) -> list[str]:
+    """RFC 8305 section 4: alternate the families, the first address's first."""
+    first = [a for a in addresses if (":" in a) == (":" in addresses[0])]
+    other = [a for a in addresses if (":" in a) != (":" in addresses[0])]
+    order: list[str] = []
+    for index in range(max(len(first), len(other))):
+        order.extend(group[index] for group in (first, other) if index < len(group))
+    return order
+
+
+def source_for(address: str, sources: tuple[str, ...]) -> Optional[str]:
+    """The source address of `address`'s family; None when there is none."""
+    return next((source for source in sources if (":" in source) == (":" in address)), None)
+
+
+class _Race:
+    """Happy Eyeballs over a fixed list of addresses (RFC 8305 section 5).
+
+    An attempt starts every `delay` seconds, or at once when the previous
+    one failed; the first to connect wins and every other is cancelled; one
+    deadline covers the whole race.
+    """
+
+    def __init__(
+        self,
+        reactor: ReactorTCPTime,
+        addresses: tuple[str, ...],
+        port: int,
+        timeout: float,
+        factory: IProtocolFactory,
+        sources: tuple[str, ...],
+        delay: float,
+    ) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.timeout = timeout
+        self.factory = factory
+        self.sources = sources
+        self.delay = delay
+        self.waiting = _interleaved(addresses) if addresses else []
+        self.attempts: dict[str, Deferred[IProtocol]] = {}
+        self.failures: list[str] = []
+        self.done = False
+        self.started = reactor.seconds()
+        self.result: Deferred[tuple[str, IProtocol]] = Deferred(self._cancelled)
+        self.next_attempt: Optional[DelayedCall] = None
+        self.deadline: Optional[DelayedCall] = reactor.callLater(timeout, self._time_up)
+        self._next()
+
+    def _next(self) -> None:
+        self.next_attempt = None
+        while self.waiting and not self.done:
+            address = self.waiting.pop(0)
+            source = source_for(address, self.sources)
+            if self.sources and source is None:
+                family = "IPv6" if ":" in address else "IPv4"
+                self.failures.append(f"{address}: no {family} --source-address to leave from")
+                continue
+            self._attempt(address, source)
+            # (an attempt that failed at once has already moved the race on)
+            if address in self.attempts and self.waiting and self.next_attempt is None:
+                self.next_attempt = self.reactor.callLater(self.delay, self._next)
+            return
+        self._check_lost()
+
+    def _attempt(self, address: str, source: Optional[str]) -> None:
+        endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        remaining = max(self.timeout - (self.reactor.seconds() - self.started), 0.001)
+        endpoint = endpoint_type(
+            self.reactor,
+            address,
+            self.port,
+            timeout=remaining,
+            bindAddress=(source, 0) if source is not None else None,
+        )
+        attempt = endpoint.connect(self.factory)
+        self.attempts[address] = attempt
+        attempt.addCallbacks(
+            self._won, self._lost, callbackArgs=(address,), errbackArgs=(address,)
+        )
+
+    def _won(self, protocol: IProtocol, address: str) -> None:
+        self.attempts.pop(address, None)
+        if self.done:  # connected as the race ended: not ours to keep
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return
+        self._stop()
+        self.result.callback((address, protocol))
+
+    def _lost(self, failure: Failure, address: str) -> None:
+        self.attempts.pop(address, None)
+        if self.done:
+            return
+        if not failure.check(ConnectError, DNSLookupError, TimeoutError):
+            self._stop()
+            self.result.errback(failure)  # a bug: the server logs its traceback
+            return
+        self.failures.append(f"{address}: {failure.value}")
+        if self.next_attempt is not None and self.next_attempt.active():
+            self.next_attempt.cancel()
+        self._next()
+
+    def _check_lost(self) -> None:
+        if not self.done and not self.attempts and not self.waiting:
+            self._stop()
+            self.result.errback(ConnectFailed("connect failed: " + "; ".join(self.failures)))
+
+    def _time_up(self) -> None:
+        self.deadline = None
+        if self.done:
+            return
+        self.failures.extend(
+            f"{address}: no answer within {self.timeout:g} s" for address in self.attempts
+        )
+        self._stop()
+        self.result.errback(ConnectFailed("connect failed: " + "; ".join(self.failures)))
+
+    def _stop(self) -> None:
+        self.done = True
+        for call in (self.next_attempt, self.deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self.next_attempt = self.deadline = None
+        for attempt in list(self.attempts.values()):
+            attempt.cancel()
+        self.attempts.clear()
+
+    def _cancelled(self, result: Deferred[tuple[str, IProtocol]]) -> None:
+        self._stop()  # the Deferred then fails with CancelledError
+
+
+def connect(
     reactor: ReactorTCPTime,
     addresses: tuple[str, ...],
     port: int,
     timeout: float,
     factory: IProtocolFactory,
-) -> tuple[str, IProtocol]:
-    """Connect to the first of `addresses` that answers, trying them in turn;
-    the address that answered and the connected protocol.
+    sources: tuple[str, ...] = (),
+    delay: float = 0.3,
+) -> Deferred[tuple[str, IProtocol]]:
+    """Race connections to `addresses` Happy-Eyeballs style; the address
+    that answered first and its connected protocol.
 
-    Cancelling stops the attempt under way (CancelledError); when every
-    address fails, `ConnectFailed` says how each one did.
+    A new attempt starts every `delay` seconds (at once after a failure),
+    families alternating; the first connection wins and the others are
+    cancelled; `timeout` bounds the whole race.  With `sources`, each
+    attempt leaves from the source address of its family, and an address
+    of a family without one is not tried.  Cancelling stops every attempt
+    (CancelledError); when no address connects, `ConnectFailed` says how
+    each one did.
     """
-    failures = []
-    for address in addresses:
-        endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint = endpoint_type(reactor, address, port, timeout=timeout)
-        try:
-            protocol: IProtocol = await endpoint.connect(factory)
-        except (CancelledError, ConnectingCancelledError):
-            raise CancelledError() from None
-        except (ConnectError, DNSLookupError) as error:
-            failures.append(f"{address}: {error}")
-            continue
-        return address, protocol
-    raise ConnectFailed("connect failed: " + "; ".join(failures))
+    return _Race(reactor, addresses, port, timeout, factory, sources, delay).result
+
+
+class _OneConnection(ClientFactory):
+    """One connection attempt into a Deferred, without an endpoint's layers.
+
+    The handshake's hot path: a CONNECT to a single address.  No timer of its
+    own: the server's one deadline cancels it (cancelling stops connecting).
+    """
+
+    noisy = False
+
+    def __init__(self, address: str, factory: IProtocolFactory) -> None:
+        self.address = address
+        self.factory = factory
+        self.connector: Any = None
+        self.done: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def _cancel(self, done: Deferred[IProtocol]) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Any:
+        protocol = self.factory.buildProtocol(addr)  # type: ignore[arg-type]
+        if protocol is None:
+            return None
+        made = protocol.makeConnection
+
+        def announce(transport: Any) -> None:
+            # Twisted calls this right after buildProtocol, in the same turn:
+            # the Deferred fires once the protocol has its transport.
+            made(transport)
+            if self.done.called:  # cancelled while it connected
+                transport.abortConnection()
+            else:
+                self.done.callback(protocol)
+
+        protocol.makeConnection = announce  # type: ignore[method-assign]
+        return protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.errback(
+                ConnectFailed(f"connect failed: {self.address}: {reason.value}")
+            )
+
+
+def connect_one(
+    reactor: ReactorTCPTime, address: str, port: int, factory: IProtocolFactory
+) -> Deferred[IProtocol]:
+    """Connect to one address: the connected protocol, or `ConnectFailed`.
+
+    Cancelling stops the attempt (CancelledError).
+    """
+    attempt = _OneConnection(address, factory)
+    attempt.connector = reactor.connectTCP(address, port, attempt, timeout=None)
+    return attempt.done

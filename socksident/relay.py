@@ -7,6 +7,14 @@ write shutdown on the other, and the other direction keeps flowing), close
 propagation that flushes what is pending before closing, an optional idle
 timeout, and byte counts for the access log.
 
+The linger contract (`socksident.linger`): once one side is gone, the other
+gets `linger_timeout` seconds to take what is queued for it, then it is
+aborted and the bytes still queued are counted as dropped; a side held
+paused is asked every `paused_check_interval` seconds whether it was reset,
+since the reactor does not watch a paused socket.  A half-closed relay (one
+side sent its FIN, the other is still open) is not over: only data, the
+open side's own end, or the idle timeout end it.
+
 Twisted will not close a transport that still has a producer registered, so
 every shutdown below unregisters first.
 """
@@ -15,12 +23,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from socksident import linger
 from socksident._types import DelayedCall, ReactorTime
+from socksident.settings import ServerSettings
 
 __all__ = ["PendingEvents", "Relay", "RelaySide", "RemoteProtocol"]
 
@@ -36,6 +46,8 @@ class RelaySide:
         self.read_closed = False
         self.lost = False
         self.has_producer = False  # the peer's transport is registered on ours
+        self.paused = False  # by the peer's full write buffer
+        self.closing = False  # a close (flush, then close) was asked of it
 
     def unregister_producer(self) -> None:
         if self.has_producer:
@@ -43,11 +55,34 @@ class RelaySide:
             self.transport.unregisterProducer()
 
 
+@implementer(IPushProducer)
+class _WatchedProducer:
+    """A side's transport as its peer's producer, telling the relay when it
+    is paused: a paused socket is one the reactor no longer watches."""
+
+    def __init__(self, relay: "Relay", side: RelaySide) -> None:
+        self._relay = relay
+        self._side = side
+
+    def pauseProducing(self) -> None:
+        self._side.transport.pauseProducing()
+        self._relay._paused(self._side, True)
+
+    def resumeProducing(self) -> None:
+        self._side.transport.resumeProducing()
+        self._relay._paused(self._side, False)
+
+    def stopProducing(self) -> None:
+        self._side.transport.stopProducing()
+
+
 class Relay:
     """Pairs the client's connection with the destination's.
 
     The protocols on both connections call `data`, `read_closed` and `lost`
-    with their own `RelaySide`; `on_finished` runs once both are gone.
+    with their own `RelaySide`; `on_finished` runs once both are gone, with
+    `cut_off` naming the side(s) aborted at the end of the linger time and
+    `dropped` the bytes still queued for them.
     """
 
     def __init__(
@@ -57,6 +92,9 @@ class Relay:
         reactor: ReactorTime,
         on_finished: Callable[["Relay"], None],
         idle_timeout: Optional[float] = None,
+        linger_timeout: float = ServerSettings.linger_timeout,
+        paused_check_interval: float = ServerSettings.paused_check_interval,
+        is_reset: Callable[[Any], bool] = linger.is_reset,
     ) -> None:
         self.client = RelaySide("client", client_transport)
         self.remote = RelaySide("remote", remote_transport)
@@ -65,8 +103,15 @@ class Relay:
         self._on_finished = on_finished
         self._idle_timeout = idle_timeout
         self._idle_call: Optional[DelayedCall] = None
+        self._linger_timeout = linger_timeout
+        self._linger_call: Optional[DelayedCall] = None
+        self._check_interval = paused_check_interval
+        self._check_call: Optional[DelayedCall] = None
+        self._is_reset = is_reset
         self.finished = False
         self.idle_closed = False
+        self.cut_off: linger.CutOff = None
+        self.dropped = 0
 
     @property
     def bytes_up(self) -> int:
@@ -88,8 +133,8 @@ class Relay:
             # Written before the pairing, so a full buffer cannot pause the
             # client before the caller resumes it; the next write will.
             self.data(self.client, early_data)
-        client.registerProducer(remote, True)
-        remote.registerProducer(client, True)
+        client.registerProducer(_WatchedProducer(self, self.remote), True)
+        remote.registerProducer(_WatchedProducer(self, self.client), True)
         self.client.has_producer = self.remote.has_producer = True
         self._arm_idle_timer()
 
@@ -124,15 +169,54 @@ class Relay:
         if side.lost:
             return
         side.lost = True
+        side.paused = False
         assert side.peer is not None
         self._close(side.peer)
         if side.peer.lost:
             self._finish()
 
     def _close(self, side: RelaySide) -> None:
-        if not side.lost:
-            side.unregister_producer()
-            side.transport.loseConnection()
+        """Flush, then close; the linger time bounds the flush."""
+        if side.lost or side.closing:
+            return
+        side.closing = True
+        side.unregister_producer()
+        side.transport.loseConnection()
+        if not side.lost and (self._linger_call is None or not self._linger_call.active()):
+            self._linger_call = self._reactor.callLater(self._linger_timeout, self._linger_over)
+
+    def _linger_over(self) -> None:
+        """The peer had its time to take what was queued: abort what is left."""
+        self._linger_call = None
+        cut = [side for side in (self.client, self.remote) if side.closing and not side.lost]
+        if not cut:
+            return
+        self.cut_off = cut[0].name if len(cut) == 1 else "both"
+        for side in cut:
+            self.dropped += linger.queued_bytes(side.transport)
+            side.transport.abortConnection()
+
+    def _paused(self, side: RelaySide, paused: bool) -> None:
+        if side.lost:
+            return
+        side.paused = paused
+        if paused and (self._check_call is None or not self._check_call.active()):
+            self._check_call = self._reactor.callLater(self._check_interval, self._check_paused)
+
+    def _check_paused(self) -> None:
+        """Abort a paused side whose peer reset it; its loss then runs as any other."""
+        self._check_call = None
+        still_paused = False
+        for side in (self.client, self.remote):
+            if not side.paused or side.lost:
+                continue
+            if self._is_reset(side.transport):
+                side.paused = False
+                side.transport.abortConnection()
+            else:
+                still_paused = True
+        if still_paused and not self.finished:
+            self._check_call = self._reactor.callLater(self._check_interval, self._check_paused)
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timeout is None or self.finished:
@@ -156,9 +240,10 @@ class Relay:
         if self.finished:
             return
         self.finished = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        for call in (self._idle_call, self._linger_call, self._check_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._linger_call = self._check_call = None
         self._on_finished(self)
 
 

@@ -13,9 +13,9 @@ exactly one `AccessRecord`.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union, cast
+from typing import Any, Callable, Optional, Union, cast
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -23,13 +23,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind, outbound
+from socksident.nexthop import NextHop, NextHopFailed
 from socksident._types import DelayedCall, ReactorTCPTime, global_reactor
 from socksident.accesslog import AccessRecord, emit
-from socksident.address import host_and_port
+from socksident.address import host_and_port, is_unspecified, not_local_because
 from socksident.connection import ConnectionInfo
-from socksident.ident import IdentAnswer
+from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import IdentQuery, SharedIdentQuery, query_ident
 from socksident.policy import Decision, DefaultPolicy, IEarlyRefusal, IPolicy, PolicyContext
+from socksident.proxy import HeaderParser, ProxyCommand, ProxyHeader, ProxyHeaderError
 from socksident.relay import PendingEvents, Relay, RemoteProtocol
 from socksident.settings import ServerSettings
 from socksident.socks4 import (
@@ -47,7 +49,14 @@ from socksident.socks4 import (
 )
 from socksident.state import State, enter
 
-__all__ = ["ClientGone", "SOCKS4Server", "SOCKS4ServerFactory", "ServerSettings"]
+__all__ = [
+    "ClientGone",
+    "LiveCounts",
+    "ProxyListenerFactory",
+    "SOCKS4Server",
+    "SOCKS4ServerFactory",
+    "ServerSettings",
+]
 
 log = Logger()
 
@@ -60,6 +69,23 @@ AbortCause = Union[SOCKS4Refusal, ClientGone]
 
 _REMOTE_FACTORY = Factory.forProtocol(RemoteProtocol)
 _REMOTE_FACTORY.noisy = False
+
+
+class LiveCounts:
+    """Open client connections and active relays, with watchers told of each
+    change (the metrics' gauges: they work across worker processes, where a
+    gauge that reads a value at scrape time does not)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.relays = 0
+        self.watchers: list[Callable[[str, int], None]] = []
+
+    def change(self, what: str, delta: int) -> None:
+        """`what` is ``connections`` or ``relays``."""
+        setattr(self, what, getattr(self, what) + delta)
+        for watcher in self.watchers:
+            watcher(what, delta)
 
 
 class SOCKS4ServerFactory(Factory):
@@ -77,13 +103,16 @@ class SOCKS4ServerFactory(Factory):
         reactor: Optional[ReactorTCPTime] = None,
         resolver: Optional[IHostnameResolver] = None,
         ident_query: IdentQuery = query_ident,
+        next_hop: Optional[NextHop] = None,
     ) -> None:
+        self.next_hop = next_hop
         self.policy = policy if policy is not None else DefaultPolicy()
         self.settings = settings if settings is not None else ServerSettings()
         self._reactor = reactor
         self._resolver = resolver
         self.ident_query = ident_query
         self.open_connects = bind.OpenConnects()
+        self.live = LiveCounts()
 
     @property
     def reactor(self) -> Any:
@@ -100,6 +129,27 @@ class SOCKS4ServerFactory(Factory):
     def buildProtocol(self, addr: Optional[IAddress]) -> "SOCKS4Server":
         return SOCKS4Server(self)
 
+    def proxy_listener(self) -> "ProxyListenerFactory":
+        """A factory for a listener behind a PROXY-protocol balancer, sharing this one's state."""
+        return ProxyListenerFactory(self)
+
+
+class ProxyListenerFactory(Factory):
+    """Connections that start with a PROXY header (``--port haproxy:...``).
+
+    Not a wrapper: it builds the same `SOCKS4Server` on the same factory,
+    which reads the header itself, so the transport stays the real one
+    (half-close works) and every count stays in one place.
+    """
+
+    noisy = False
+
+    def __init__(self, server: SOCKS4ServerFactory) -> None:
+        self.server = server
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> "SOCKS4Server":
+        return SOCKS4Server(self.server, expect_header=True)
+
 
 @implementer(IHalfCloseableProtocol)
 class SOCKS4Server(Protocol):
@@ -111,11 +161,12 @@ class SOCKS4Server(Protocol):
     connection: ConnectionInfo
     started: float
 
-    def __init__(self, factory: SOCKS4ServerFactory) -> None:
+    def __init__(self, factory: SOCKS4ServerFactory, expect_header: bool = False) -> None:
         self.factory = factory
         self.settings = factory.settings
         self.reactor = factory.reactor
-        self.state = State.REQUEST
+        self.state = State.HEADER if expect_header else State.REQUEST
+        self._header: Optional[HeaderParser] = HeaderParser() if expect_header else None
         self.request: Optional[Request] = None
         self.decision: Optional[Decision] = None
         self.relay: Optional[Relay] = None
@@ -130,8 +181,13 @@ class SOCKS4Server(Protocol):
         self._pending = PendingEvents()  # the client's, until the relay starts
         self._ident: Optional[SharedIdentQuery] = None
         self._timer: Optional[DelayedCall] = None
+        self._timer_what = ""
+        self._timer_seconds = 0.0
         self._chain: Optional[Deferred[RemoteProtocol]] = None
         self._logged = False
+        self._via: Optional[NextHop] = None  # set when the request goes to the next hop
+        self._hop_reply: Optional[str] = None
+        self._time_to_grant: Optional[float] = None
 
     def _enter(self, state: State) -> None:
         self.state = enter(self.state, state)
@@ -141,10 +197,13 @@ class SOCKS4Server(Protocol):
     def connectionMade(self) -> None:
         self.started = self.reactor.seconds()
         self.connection = ConnectionInfo.of_transport(self.transport)
+        self.factory.live.change("connections", +1)
         self._set_timer(self.settings.request_timeout, "no complete request")
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state is State.REQUEST:
+        if self.state is State.HEADER:
+            self._read_header(data)
+        elif self.state is State.REQUEST:
             self._read_request(data)
         elif self.state is State.RELAY:
             assert self.relay is not None
@@ -173,8 +232,41 @@ class SOCKS4Server(Protocol):
             self.relay.lost(self.relay.client)
         elif self.state is State.REQUEST:
             self._close_without_reply("client closed the connection before a complete request")
+        elif self.state is State.HEADER:
+            self._close_without_reply("closed before a complete PROXY header")
         elif self.state is not State.CLOSED:
             self._abort(ClientGone())
+
+    # -- reading the PROXY header (a listener behind a balancer) -----------
+
+    def _read_header(self, data: bytes) -> None:
+        assert self._header is not None
+        try:
+            header = self._header.feed(data)
+        except ProxyHeaderError as error:
+            # Never served as the balancer: that would grant its address.
+            self._close_without_reply(f"PROXY listener: {error}")
+            return
+        if header is not None:
+            self._header_read(header, self._header.leftover)
+
+    def _header_read(self, header: ProxyHeader, leftover: bytes) -> None:
+        if header.command is ProxyCommand.LOCAL:
+            # The balancer's own connection (a health check): no client, no
+            # request, and no access record, or health checks would flood it.
+            log.debug("PROXY LOCAL connection from {via}: closed", via=self.connection.client)
+            self._logged = True
+            self._close_without_reply("PROXY LOCAL")
+            return
+        self._enter(State.REQUEST)
+        if header.source is None or header.destination is None:
+            self._abort_cause = RequestRejectedOrFailed(
+                f"PROXY v{header.version} header names no TCP client ({header.family})"
+            )
+        else:
+            self.connection = self.connection.with_header(header.source, header.destination)
+        if leftover:
+            self._read_request(leftover)
 
     # -- reading the request ------------------------------------------------
 
@@ -225,7 +317,8 @@ class SOCKS4Server(Protocol):
             self._reply_and_close(self._abort_cause)
             return
         self._set_timer(self.settings.connect_timeout, "no connection established")
-        self._chain = Deferred.fromCoroutine(self._serve(request))
+        chain = self._connect_address(request)
+        self._chain = chain if chain is not None else Deferred.fromCoroutine(self._serve(request))
         self._chain.addCallbacks(self._granted, self._ended)
         self._chain.addErrback(self._unexpected)
 
@@ -244,6 +337,17 @@ class SOCKS4Server(Protocol):
 
     def _start_ident_query(self) -> Deferred[IdentAnswer]:
         info = self.connection
+        if info.via is not None:
+            why = not_local_because(info.server_host)
+            if why is not None:
+                # The client's identd only names connections it sees asked
+                # about from their own far end: the balancer's address.
+                reason = (
+                    f"cannot ask from {info.server_host}, the address the client connected"
+                    f" to through the balancer: {why}"
+                )
+                log.info("ident for {client}: {reason}", client=info.client, reason=reason)
+                return succeed(IdentAnswer(IdentOutcome.NO_ANSWER, error=reason))
         query: IdentQuery = self.factory.ident_query
         return query(
             info.client_host,
@@ -255,6 +359,52 @@ class SOCKS4Server(Protocol):
             timeout=self.settings.ident_timeout,
         )
 
+    def _connect_address(self, request: Request) -> Optional[Deferred[RemoteProtocol]]:
+        """The hot path, a CONNECT to an IP address, without the coroutine.
+
+        The same steps as `_serve` (policy, then connect), as plain calls
+        and at most two Deferreds; None for every other request.
+        """
+        if (
+            request.hostname is not None
+            or request.command is not Command.CONNECT
+            or is_unspecified(request.address)
+        ):
+            return None
+        addresses = (request.address,)
+        try:
+            decided = self.factory.policy.check(request, self._context(addresses))
+            if isinstance(decided, Deferred):
+                return decided.addCallback(self._connect_decided)
+            return self._connect_decided(decided)
+        except Exception:  # a bug: the one "internal error" path, as in _serve
+            return fail()
+
+    def _connect_decided(self, decision: Decision) -> Deferred[RemoteProtocol]:
+        self.decision = decision
+        self._reason = decision.reason
+        refusal = decision.refusal()
+        if refusal is not None:
+            return fail(refusal)
+        assert self.request is not None
+        self.destination_address = self.request.address
+        if self.settings.source_addresses:
+            # A chosen source address: the race's attempt binds it (and
+            # refuses a family without one).
+            raced = outbound.connect(
+                self.reactor,
+                (self.request.address,),
+                self.request.port,
+                self.settings.connect_timeout,
+                _REMOTE_FACTORY,
+                self.settings.source_addresses,
+            )
+            return cast("Deferred[RemoteProtocol]", raced.addCallback(lambda won: won[1]))
+        connected = outbound.connect_one(
+            self.reactor, self.request.address, self.request.port, _REMOTE_FACTORY
+        )
+        return cast("Deferred[RemoteProtocol]", connected)
+
     async def _serve(self, request: Request) -> RemoteProtocol:
         policy = self.factory.policy
         if request.hostname is not None and IEarlyRefusal.providedBy(policy):
@@ -263,7 +413,12 @@ class SOCKS4Server(Protocol):
             if refusal is not None:
                 self.decision = early
                 raise refusal
-        addresses = await outbound.addresses_of(self.factory.resolver, request)
+        try:
+            addresses = await outbound.addresses_of(self.factory.resolver, request)
+        except outbound.NotResolved:
+            if self.factory.next_hop is None:
+                raise
+            self._via, addresses = self.factory.next_hop, ()
         decision = cast(
             Decision, await maybeDeferred(policy.check, request, self._context(addresses))
         )
@@ -272,6 +427,8 @@ class SOCKS4Server(Protocol):
         refusal = decision.refusal()
         if refusal is not None:
             raise refusal
+        if self._via is not None:
+            return await self._through_next_hop(self._via, request)
         if request.command is Command.CONNECT:
             address, remote = await outbound.connect(
                 self.reactor,
@@ -279,10 +436,29 @@ class SOCKS4Server(Protocol):
                 request.port,
                 self.settings.connect_timeout,
                 _REMOTE_FACTORY,
+                self.settings.source_addresses,
+                self.settings.connect_attempt_delay,
             )
             self.destination_address = address
             return cast(RemoteProtocol, remote)
         return await self._bind(addresses)
+
+    async def _through_next_hop(self, hop: NextHop, request: Request) -> RemoteProtocol:
+        if request.command is not Command.CONNECT:
+            raise RequestRejectedOrFailed(
+                f"{request.destination} does not resolve here; BIND is not forwarded"
+                f" to the next hop {hop.name}"
+            )
+        try:
+            remote = await hop.connect(
+                self.reactor, request, self.settings.connect_timeout, _REMOTE_FACTORY
+            )
+        except NextHopFailed as failed:
+            self._hop_reply = failed.answer
+            log.info("{client}: {reason}", client=self._client, reason=failed.reason)
+            raise
+        self._hop_reply = "90"
+        return cast(RemoteProtocol, remote)
 
     async def _bind(self, addresses: tuple[str, ...]) -> RemoteProtocol:
         if not self.settings.bind_without_connect and not self.factory.open_connects.any_open(
@@ -292,9 +468,16 @@ class SOCKS4Server(Protocol):
                 "BIND without an open CONNECT from this client to "
                 f"{', '.join(addresses)} (see --bind-without-connect)"
             )
+        listen_on = self.settings.bind_address
+        if listen_on is None:
+            if self.connection.via is not None:
+                raise RequestRejectedOrFailed(
+                    "BIND on a PROXY listener needs a bind address (--bind-address)"
+                )
+            listen_on = self.connection.local_host
         inbound = await bind.accept_from(
             self.reactor,
-            self.settings.bind_address or self.connection.local_host,
+            listen_on,
             self.settings.bind_ports,
             addresses,
             self._bind_listening,
@@ -310,6 +493,7 @@ class SOCKS4Server(Protocol):
 
     def _granted(self, remote: RemoteProtocol) -> None:
         self._cancel_timer()
+        self._time_to_grant = self.reactor.seconds() - self.started
         peer_host, peer_port = host_and_port(remote.transport.getPeer())
         self._send_reply(ReplyCode.GRANTED, peer_port, reply_address(peer_host))
         relay = Relay(
@@ -318,9 +502,12 @@ class SOCKS4Server(Protocol):
             self.reactor,
             self._relay_finished,
             self.settings.idle_timeout,
+            self.settings.linger_timeout,
+            self.settings.paused_check_interval,
         )
         self.relay = relay
         self._enter(State.RELAY)
+        self.factory.live.change("relays", +1)
         self._track_connect(+1)
         relay.start(self._pending.take_data())
         remote.attach(relay)
@@ -385,6 +572,7 @@ class SOCKS4Server(Protocol):
         self._finish()
 
     def _relay_finished(self, relay: Relay) -> None:
+        self.factory.live.change("relays", -1)
         self._track_connect(-1)
         if relay.idle_closed:
             self._reason = f"idle for {self.settings.idle_timeout:g} s"
@@ -413,6 +601,7 @@ class SOCKS4Server(Protocol):
         if self._logged:
             return
         self._logged = True
+        self.factory.live.change("connections", -1)
         decision, relay = self.decision, self.relay
         emit(
             AccessRecord(
@@ -428,23 +617,37 @@ class SOCKS4Server(Protocol):
                 bytes_down=relay.bytes_down if relay else 0,
                 started=self.started,
                 duration=self.reactor.seconds() - self.started,
+                cut_off=relay.cut_off if relay else None,
+                dropped=relay.dropped if relay else 0,
+                next_hop=self._via.name if self._via is not None else None,
+                next_hop_reply=self._hop_reply,
+                time_to_grant=self._time_to_grant,
             )
         )
 
     # -- the one timer ----------------------------------------------------------
 
     def _set_timer(self, seconds: float, what: str) -> None:
-        self._cancel_timer()
-        self._timer = self.reactor.callLater(seconds, self._time_up, what, seconds)
+        """(Re)arm the one deadline; a live timer is moved, not replaced."""
+        self._timer_what = what
+        self._timer_seconds = seconds
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._time_up)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _time_up(self, what: str, seconds: float) -> None:
+    def _time_up(self) -> None:
         self._timer = None
-        if self.state is State.REQUEST:
+        what, seconds = self._timer_what, self._timer_seconds
+        if self.state is State.HEADER:
+            self._close_without_reply(f"no complete PROXY header within {seconds:g} s")
+        elif self.state is State.REQUEST:
             self._close_without_reply(f"{what} within {seconds:g} s")
         else:
             self._abort(RequestRejectedOrFailed(f"{what} within {seconds:g} s"))

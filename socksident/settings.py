@@ -12,7 +12,11 @@ from typing import Optional
 from socksident.identclient import DEFAULT_TIMEOUT, IDENT_PORT
 from socksident.socks4 import MAX_HOSTNAME_LENGTH, MAX_USER_ID_LENGTH
 
-__all__ = ["ServerSettings"]
+__all__ = ["LISTEN_BACKLOG", "ServerSettings"]
+
+# Connections the kernel holds for a listener before accept(); Twisted's 50
+# drops a burst of clients (their SYNs wait a second for a retry).
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class ServerSettings:
     connect_timeout: float = 120.0  # the protocol's 2 minutes to establish a connection
     bind_timeout: float = 120.0  # time for BIND's inbound connection to arrive
     idle_timeout: Optional[float] = None  # close a relay silent this long; None: never
+    linger_timeout: float = 5.0  # once one side is gone, the other's time to take its bytes
+    paused_check_interval: float = 1.0  # how often a paused relay side is asked if it was reset
     ident_timeout: float = DEFAULT_TIMEOUT  # connect + answer, as the CSTC server
     ident_port: int = IDENT_PORT
     bind_without_connect: bool = False
@@ -32,3 +38,7 @@ class ServerSettings:
     max_hostname_length: int = MAX_HOSTNAME_LENGTH
     early_data_limit: int = 64 * 1024  # buffered client bytes before its reply
     workers: int = 1  # server processes (`--workers`); 1: this process serves
+    access_log: Optional[str] = None  # a JSON-lines file for access records; "-": stdout
+    source_addresses: tuple[str, ...] = ()  # CONNECTs leave from these (one per family)
+    connect_attempt_delay: float = 0.3  # RFC 8305: start the next address this much later
+    metrics: Optional[str] = None  # endpoint serving Prometheus metrics

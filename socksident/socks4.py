@@ -219,6 +219,11 @@ class RequestParser:
         self.request: Optional[Request] = None
         self.leftover = b""
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete request: bounded by the field limits."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> Optional[Request]:
         if self.request is not None:
             self.leftover += data

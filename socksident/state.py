@@ -16,6 +16,7 @@ __all__ = ["TRANSITIONS", "InvalidTransition", "State", "enter"]
 class State(str, enum.Enum):
     """Where one client connection is in its life."""
 
+    HEADER = "header"  # a PROXY listener: reading the balancer's PROXY header
     REQUEST = "request"  # reading the request
     PENDING = "pending"  # resolving, deciding, connecting or opening BIND's listener
     BIND_WAIT = "bind-wait"  # BIND's first reply sent, waiting for the inbound connection
@@ -25,6 +26,7 @@ class State(str, enum.Enum):
 
 #: The only moves a connection makes; `SOCKS4Server._enter` enforces them.
 TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.HEADER: frozenset({State.REQUEST, State.CLOSED}),
     State.REQUEST: frozenset({State.PENDING, State.CLOSED}),
     State.PENDING: frozenset({State.BIND_WAIT, State.RELAY, State.CLOSED}),
     State.BIND_WAIT: frozenset({State.RELAY, State.CLOSED}),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import math
 import signal
 import socket
 from typing import Any, Callable, Optional, Sequence, cast
 
+from twisted.internet.protocol import Factory
 from twisted.application import internet, service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -16,12 +18,22 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from socksident._types import global_reactor
+from socksident.jsonlog import AccessLogFile, ReopenOnSignal
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
-from socksident.settings import ServerSettings
+from socksident.settings import LISTEN_BACKLOG, ServerSettings
 from socksident.workers import WorkerPool, check_endpoints, parse_workers
 
-__all__ = ["DEFAULT_PORT", "ListenError", "Options", "endpoint_description", "makeService"]
+__all__ = [
+    "DEFAULT_PORT",
+    "PROXY_PREFIX",
+    "ListenError",
+    "Options",
+    "endpoint_description",
+    "makeService",
+    "split_proxy",
+    "with_backlog",
+]
 
 log = Logger()
 _DEFAULTS = ServerSettings()
@@ -33,6 +45,29 @@ _IDENT_MODES = {"require": IdentMode.REQUIRE, "check": IdentMode.CHECK, "off": I
 def endpoint_description(value: str) -> str:
     """A bare port number means plain TCP on every interface."""
     return f"tcp:{value}" if value.isdigit() else value
+
+
+def with_backlog(description: str) -> str:
+    """A TCP or TLS listener that does not set `backlog=` gets LISTEN_BACKLOG."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
+PROXY_PREFIX = "haproxy:"
+
+
+def split_proxy(description: str) -> tuple[str, bool]:
+    """``haproxy:ENDPOINT`` -> (ENDPOINT, True): Twisted's spelling, our header parser.
+
+    The server reads the PROXY header itself instead of Twisted's wrapper,
+    which reports the balancer as the client until the header is parsed and
+    turns a client's half-close into a full close.
+    """
+    if description.startswith(PROXY_PREFIX):
+        return endpoint_description(description[len(PROXY_PREFIX) :]), True
+    return description, False
 
 
 def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
@@ -59,6 +94,21 @@ def _endpoint(description: str) -> Any:
         raise usage.UsageError(f"--port {description!r}: {error}")
 
 
+def _next_hop(description: Optional[str]) -> Any:
+    """`--next-hop`, parsed now: a typo is a usage error naming the option."""
+    if description is None:
+        return None
+    from twisted.internet.endpoints import clientFromString
+
+    from socksident.nexthop import NextHop
+
+    try:
+        endpoint = clientFromString(global_reactor(), description)
+    except (ValueError, TypeError, KeyError, OSError, AttributeError) as error:
+        raise usage.UsageError(f"--next-hop {description!r}: {error}")
+    return NextHop(endpoint, description)
+
+
 def _local_address(name: str, value: Optional[str]) -> Optional[str]:
     """An IP address of this host: every BIND would fail on any other."""
     if value is None:
@@ -76,6 +126,31 @@ def _local_address(name: str, value: Optional[str]) -> Optional[str]:
                 f"--{name} {value}: not an address of this host ({error.strerror})"
             )
     return str(address)
+
+
+def _access_log(path: Optional[str]) -> Optional[AccessLogFile]:
+    """Open the access log now, before twistd drops privileges."""
+    if path is None:
+        return None
+    try:
+        return AccessLogFile(path)
+    except OSError as error:
+        raise usage.UsageError(f"--access-log {path}: {error.strerror}")
+
+
+def _metrics_endpoint(description: Optional[str]) -> Any:
+    if description is None:
+        return None
+    try:
+        import socksident.metrics  # noqa: F401
+    except ImportError as error:
+        raise usage.UsageError(
+            f"--metrics needs prometheus_client ({error}): pip install 'socksident[metrics]'"
+        )
+    try:
+        return serverFromString(global_reactor(), endpoint_description(description))
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise usage.UsageError(f"--metrics {description!r}: {error}")
 
 
 def _port_range(value: str) -> tuple[int, int]:
@@ -114,29 +189,52 @@ class Options(usage.Options):
          "Seconds BIND waits for the application server's connection."],
         ["idle-timeout", None, f"{_DEFAULTS.idle_timeout or 0:g}",
          "Close a relayed connection idle this many seconds (0: never)."],
+        ["linger-timeout", None, f"{_DEFAULTS.linger_timeout:g}",
+         "Once one side of a relay is gone, seconds the other has to take what is "
+         "queued for it before it is aborted."],
         ["ident-timeout", None, f"{_DEFAULTS.ident_timeout:g}",
          "Seconds for the ident query, connect and answer together."],
         ["ident-port", None, str(_DEFAULTS.ident_port), "Port of the identd on client hosts."],
         ["bind-ports", None, None,
          "LOW-HIGH: BIND listens only on ports in this range."],
+        ["next-hop", None, None,
+         "A client endpoint description (tcp:host=10.0.0.2:port=1080, tls:...): SOCKS4A "
+         "names that do not resolve here are passed on to this SOCKS4 server."],
         ["bind-address", None, None,
          "BIND listens on this IP address instead of the one the client connected to "
          "(a proxy whose application servers are on another interface)."],
         ["workers", None, str(_DEFAULTS.workers),
          "Serve with this many processes (auto: one per CPU); each client host "
          "always reaches the same one.  tcp: and tcp6: ports only."],
+        ["access-log", None, _DEFAULTS.access_log,
+         "Write one JSON line per finished request to this file ('-': standard output); "
+         "SIGUSR1 reopens it."],
+        ["metrics", None, _DEFAULTS.metrics,
+         "Serve Prometheus metrics on this endpoint, e.g. tcp:9108:interface=127.0.0.1 "
+         "(needs pip install socksident[metrics])."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
         self["ident"] = IdentMode.OFF
+        self["source-addresses"] = list(_DEFAULTS.source_addresses)
 
     def opt_port(self, value: str) -> None:
-        """Listen on this endpoint: a port number (all interfaces) or an endpoint description such as tcp:1080:interface=0.0.0.0, tcp6:1080 or ssl:...; repeatable. Default: tcp:1080:interface=127.0.0.1."""  # noqa: E501
+        """Listen on this endpoint: a port number (all interfaces) or an endpoint description such as tcp:1080:interface=0.0.0.0, tcp6:1080 or ssl:..., or haproxy:ENDPOINT behind a load balancer sending PROXY headers (v1 or v2; needs --bind-address); repeatable. Default: tcp:1080:interface=127.0.0.1."""  # noqa: E501
         self["ports"].append(endpoint_description(value))
 
     opt_p = opt_port
+
+    def opt_source_address(self, value: str) -> None:
+        """CONNECTs leave from this IP address of this host; give it twice for one IPv4 and one IPv6 address. Destinations of a family without one are not tried. Default: the system picks."""  # noqa: E501
+        address = _local_address("source-address", value)
+        assert address is not None
+        if any((":" in known) == (":" in address) for known in self["source-addresses"]):
+            raise usage.UsageError(
+                f"--source-address {value}: one address per family (IPv4, IPv6)"
+            )
+        self["source-addresses"].append(address)
 
     def opt_ident(self, value: str) -> None:
         """Verify users with the client's identd: require (also --ident alone: no answer -> 92, mismatch -> 93) or check (no answer lets the request through, mismatch -> 93). Default: no ident queries."""  # noqa: E501
@@ -158,7 +256,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
-        self["endpoints"] = [_endpoint(description) for description in self["ports"]]
+        split = [split_proxy(description) for description in self["ports"]]
+        self["endpoints"] = [_endpoint(with_backlog(port)) for port, _ in split]
+        self["proxied"] = [proxied for _, proxied in split]
         self["workers"] = parse_workers(self["workers"])
         check_endpoints(self["workers"], self["ports"], self["endpoints"])
         idle = _seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
@@ -173,13 +273,25 @@ class Options(usage.Options):
             connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
             bind_timeout=_seconds("bind-timeout", self["bind-timeout"]),
             idle_timeout=idle or None,
+            linger_timeout=_seconds("linger-timeout", self["linger-timeout"]),
             ident_timeout=_seconds("ident-timeout", self["ident-timeout"]),
             ident_port=ident_port,
             bind_without_connect=bool(self["bind-without-connect"]),
             bind_ports=_port_range(self["bind-ports"]) if self["bind-ports"] else None,
             bind_address=_local_address("bind-address", self["bind-address"]),
+            access_log=self["access-log"],
+            source_addresses=tuple(self["source-addresses"]),
+            metrics=self["metrics"],
         )
+        self["access-log-file"] = _access_log(self["access-log"])
+        if any(self["proxied"]) and self["settings"].bind_address is None:
+            raise usage.UsageError(
+                "--port haproxy:... needs --bind-address: behind a balancer the address a"
+                " client connected to is not one this host can listen on for BIND"
+            )
+        self["metrics-endpoint"] = _metrics_endpoint(self["metrics"])
         self["policy"] = self._policy()
+        self["next_hop"] = _next_hop(self["next-hop"])
 
     def _policy(self) -> IPolicy:
         if self["rules"] is None:
@@ -238,6 +350,16 @@ class _ReloadOnHangup(service.Service):
         super().stopService()
 
 
+class _FreezeAfterStartUp(service.Service):
+    """Move start-up's objects (modules, classes, the options) out of the
+    cyclic collector's sight once the reactor runs: every full collection
+    would otherwise walk them again, per request, for nothing."""
+
+    def startService(self) -> None:
+        super().startService()
+        global_reactor().callWhenRunning(gc.freeze)
+
+
 class _Announce(service.Service):
     def __init__(self, ports: list[str]) -> None:
         self.ports = ports
@@ -260,7 +382,7 @@ class _Listener(internet.StreamServerEndpointService):
     to the waiting parent and remove its pid file.
     """
 
-    def __init__(self, description: str, endpoint: Any, factory: SOCKS4ServerFactory) -> None:
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self._raiseSynchronously = True  # as twisted.application.strports does
@@ -273,7 +395,7 @@ class _Listener(internet.StreamServerEndpointService):
 
 
 #: Builds the service that serves one --port: (description, endpoint, factory).
-ListenerMaker = Callable[[str, Any, SOCKS4ServerFactory], service.IService]
+ListenerMaker = Callable[[str, Any, Factory], service.IService]
 
 
 def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> service.MultiService:
@@ -291,11 +413,23 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
             reload_on_hangup=hasattr(options["policy"], "reload"),
         ).setServiceParent(top)
         return top
-    factory = SOCKS4ServerFactory(options["policy"], options["settings"])
+    factory = SOCKS4ServerFactory(
+        options["policy"], options["settings"], next_hop=options.get("next_hop")
+    )
     make_listener: ListenerMaker = listener if listener is not None else _Listener
-    for description, endpoint in zip(options["ports"], options["endpoints"]):
-        make_listener(description, endpoint, factory).setServiceParent(top)
+    for description, endpoint, proxied in zip(
+        options["ports"], options["endpoints"], options["proxied"]
+    ):
+        listening = factory.proxy_listener() if proxied else factory
+        make_listener(description, endpoint, listening).setServiceParent(top)
+    if options.get("metrics-endpoint") is not None:
+        from socksident.metrics import Metrics, MetricsService
+
+        MetricsService(Metrics(), options["metrics-endpoint"], factory.live).setServiceParent(top)
+    if options.get("access-log-file") is not None:
+        ReopenOnSignal(options["access-log-file"]).setServiceParent(top)
     if hasattr(options["policy"], "reload"):
         _ReloadOnHangup(options["policy"]).setServiceParent(top)
     _Announce(options["ports"]).setServiceParent(top)
+    _FreezeAfterStartUp().setServiceParent(top)
     return top

@@ -43,6 +43,15 @@ def test_summary_is_the_access_line() -> None:
     )
 
 
+def test_a_side_cut_off_after_its_linger_is_in_the_line_and_the_fields() -> None:
+    cut = record(cut_off="remote", dropped=4096, bytes_up=9000)
+    assert cut.summary() == (
+        "10.0.0.5:40000 user='alice' ident=- CONNECT 192.0.2.7:80 -> 90"
+        " (permitted by r.conf:3) up=9000 down=2000 in 1.500s cut-off=remote dropped=4096"
+    )
+    assert (cut.fields()["cut_off"], cut.fields()["dropped"]) == ("remote", 4096)
+
+
 def test_summary_shows_the_address_a_name_reached() -> None:
     named = record(request=Request(Command.CONNECT, 443, "0.0.0.1", "bob", "www.example.com"))
     assert " CONNECT www.example.com:443 [192.0.2.7] -> 90 " in named.summary()
@@ -87,11 +96,13 @@ def test_fields_are_the_one_schema_and_json_ready() -> None:
         "time": 1000.0,
         "client": "10.0.0.5:40000",
         "listener": "10.0.0.1:1080",
+        "via": None,
         "user": "alice",
         "command": "CONNECT",
         "destination": "192.0.2.7",
         "port": 80,
         "address": None,
+        "next_hop": None,
         "code": 91,
         "replies": [91],
         "reason": "connect failed",
@@ -103,9 +114,13 @@ def test_fields_are_the_one_schema_and_json_ready() -> None:
         "ident_opsys": "UNIX",
         "ident_error": None,
         "ident_duration": 0.25,
+        "time_to_grant": None,
         "bytes_up": 0,
         "bytes_down": 0,
         "duration": 1.5,
+        "cut_off": None,
+        "dropped": 0,
+        "next_hop_reply": None,
     }
     assert json.loads(json.dumps(fields)) == fields
 

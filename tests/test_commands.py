@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from socksident.commands import DEFAULT_TIME_LIMIT, CommandResult, run_command
+from socksident.commands import CommandResult, run_command
 
 
 class FakeProcess:
@@ -111,7 +111,6 @@ def test_default_time_limit_is_sixty_seconds() -> None:
     reactor = FakeProcessReactor()
     run_command("sleep 1000", reactor=reactor)
     process = reactor.spawned[0][3]
-    assert DEFAULT_TIME_LIMIT == 60.0
     reactor.advance(59.9)
     assert process.signals == []
     reactor.advance(0.1)
@@ -189,9 +188,14 @@ def test_real_shell_output_and_exit_status() -> Generator[Any, Any, None]:
 
 
 def test_runner_caps_how_many_commands_run_at_once() -> None:
-    from socksident.commands import MAX_RUNNING, CommandRunner
+    from socksident.commands import CommandRunner
 
-    assert MAX_RUNNING == CommandRunner().max_running == 32
+    reactor = FakeProcessReactor()
+    default = CommandRunner(reactor=reactor)
+    for n in range(32):
+        default(f"echo {n}")
+    assert fired(default("echo 32")).error == "too many commands running"
+    assert len(reactor.spawned) == 32
     reactor = FakeProcessReactor()
     runner = CommandRunner(max_running=2, reactor=reactor)
     first, _ = runner("echo 1"), runner("echo 2")

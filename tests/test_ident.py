@@ -177,8 +177,9 @@ def test_malformed_replies(line: bytes, message: str) -> None:
         parse(line)
 
 
-def test_malformed_is_a_value_error() -> None:
-    assert issubclass(MalformedResponse, ValueError)
+def test_malformed_is_caught_as_a_value_error() -> None:
+    with pytest.raises(ValueError, match="invalid port"):
+        parse(b"61a1 , 23 : USERID : UNIX : alice")
 
 
 # ResponseReader
@@ -270,3 +271,39 @@ def test_reader_close_without_any_bytes() -> None:
     reader = ResponseReader(CLIENT_PORT, SERVER_PORT)
     with pytest.raises(MalformedResponse, match="connection closed before a complete line"):
         reader.connection_closed()
+
+
+@pytest.mark.parametrize("ports", [(1, 65535), (65535, 1), (1, 1), (65535, 65535)])
+def test_query_accepts_the_edges_of_the_port_range(ports: tuple[int, int]) -> None:
+    assert build_query(*ports) == b"%d , %d\r\n" % ports
+
+
+@pytest.mark.parametrize("first", [b"\n", b"\r\n", b"\nlater line\n"])
+def test_an_empty_first_line_is_malformed(first: bytes) -> None:
+    with pytest.raises(MalformedResponse, match="too few fields"):
+        ResponseReader(CLIENT_PORT, SERVER_PORT).feed(first)
+
+
+def test_lf_inside_the_line_given_to_the_parser() -> None:
+    with pytest.raises(MalformedResponse, match="CR or LF"):
+        parse(b"6191 , 23 : USERID : UNIX : al\nice")
+
+
+def test_only_spaces_and_tabs_are_trimmed_from_the_user_id() -> None:
+    assert parse(b"6191 , 23 : USERID : UNIX :\x0b\x0calice\xa0 \t") == user("\x0b\x0calice\xa0")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"6191\x0b, 23 : USERID : UNIX : alice", "invalid port"),
+        (b"6191 ,\x0c23 : USERID : UNIX : alice", "invalid port"),
+        (b"6191 , 23 :\x0bUSERID : UNIX : alice", "unknown reply type"),
+        (b"6191 , 23 : USERID :\x0cUNIX : alice", "invalid opsys"),
+        (b"6191 , 23 : USERID : UNIX ,\x0bUTF-8 : alice", "invalid charset"),
+        (b"6191 , 23 : ERROR :\x0bNO-USER", "invalid error type"),
+    ],
+)
+def test_other_whitespace_around_tokens_is_malformed(line: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse, match=message):
+        parse(line)

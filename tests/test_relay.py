@@ -32,6 +32,10 @@ class FakeTransport:
         self.paused = False
         self.write_closed = False
         self.disconnecting = False
+        # Twisted's FileDescriptor write buffer, which linger.queued_bytes reads
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
@@ -87,13 +91,29 @@ class FakeTransport:
 class Pair:
     """A relay between two fake transports, with its clock and finish record."""
 
-    def __init__(self, idle_timeout: Optional[float] = None, start: bool = True, early: bytes = b"") -> None:
+    def __init__(
+        self,
+        idle_timeout: Optional[float] = None,
+        start: bool = True,
+        early: bytes = b"",
+        linger_timeout: float = 5.0,
+    ) -> None:
         self.log: list[Call] = []
         self.client = FakeTransport("client", self.log)
         self.remote = FakeTransport("remote", self.log)
         self.clock = Clock()
         self.finished: list[Relay] = []
-        self.relay = Relay(self.client, self.remote, self.clock, self.finished.append, idle_timeout)
+        self.reset: set[str] = set()  # names of the transports whose peer reset them
+        self.relay = Relay(
+            self.client,
+            self.remote,
+            self.clock,
+            self.finished.append,
+            idle_timeout,
+            linger_timeout=linger_timeout,
+            paused_check_interval=1.0,
+            is_reset=lambda transport: transport.name in self.reset,
+        )
         if start:
             self.relay.start(early)
             del self.log[:]  # each test looks at what happens after start
@@ -112,11 +132,22 @@ def lost_reason() -> Failure:
 # -- start ---------------------------------------------------------------------------
 
 
+def produces_for(consumer: FakeTransport, producer: FakeTransport) -> bool:
+    """Whether `consumer`'s registered streaming producer drives `producer`'s transport."""
+    registered = consumer.producer
+    if registered is None or consumer.streaming is not True:
+        return False
+    registered.pauseProducing()
+    paused = producer.paused
+    registered.resumeProducing()
+    return paused and not producer.paused
+
+
 def test_start_makes_each_transport_the_others_streaming_producer():
     p = Pair(start=False)
     p.relay.start()
-    assert (p.client.producer, p.client.streaming) == (p.remote, True)
-    assert (p.remote.producer, p.remote.streaming) == (p.client, True)
+    assert produces_for(p.client, p.remote)
+    assert produces_for(p.remote, p.client)
     assert p.relay.client.has_producer and p.relay.remote.has_producer
 
 
@@ -174,7 +205,7 @@ def test_fin_unregisters_the_peers_producer_then_shuts_its_write_half(closing, o
     assert peer.producer is None and peer.write_closed
     # the closing side's transport is untouched: the other direction still flows
     assert getattr(p, closing).calls() == []
-    assert getattr(p, closing).producer is peer
+    assert produces_for(getattr(p, closing), peer)
     assert not p.client.disconnecting and not p.remote.disconnecting
 
 
@@ -331,6 +362,116 @@ def test_data_in_flight_after_an_idle_close_leaves_no_timer_behind():
     p.relay.lost(p.relay.remote)
     p.relay.lost(p.relay.client)
     assert p.finished == [p.relay]
+    assert p.clock.getDelayedCalls() == []
+
+
+# -- the linger time ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gone, other", [("client", "remote"), ("remote", "client")])
+def test_the_peer_of_a_lost_side_is_aborted_after_the_linger_time(gone, other):
+    """The issue's hole: a flushing close to a peer that never reads waited for ever."""
+    p = Pair(linger_timeout=5)
+    peer = getattr(p, other)
+    peer.dataBuffer, peer.offset, peer._tempDataLen = b"x" * 1000, 100, 50
+    p.relay.lost(getattr(p.relay, gone))
+    assert peer.calls() == [("unregisterProducer",), ("loseConnection",)]
+    p.clock.advance(4.9)
+    assert ("abortConnection",) not in peer.calls()
+    p.clock.advance(0.1)
+    assert peer.calls()[-1] == ("abortConnection",)
+    assert (p.relay.cut_off, p.relay.dropped) == (other, 950)
+    p.relay.lost(getattr(p.relay, other))
+    assert p.finished == [p.relay]
+    assert p.clock.getDelayedCalls() == []
+
+
+def test_a_peer_that_closes_within_the_linger_time_is_not_cut_off():
+    p = Pair(linger_timeout=5)
+    p.relay.lost(p.relay.client)
+    p.clock.advance(2)
+    p.relay.lost(p.relay.remote)
+    assert p.clock.getDelayedCalls() == []
+    p.clock.advance(10)
+    assert ("abortConnection",) not in p.remote.calls()
+    assert (p.relay.cut_off, p.relay.dropped) == (None, 0)
+    assert p.finished == [p.relay]
+
+
+def test_a_half_close_starts_no_linger_time():
+    """A FIN is not the end: the other direction may run as long as it moves."""
+    p = Pair(linger_timeout=5)
+    p.relay.read_closed(p.relay.client)
+    assert p.clock.getDelayedCalls() == []
+    p.clock.advance(3600)
+    assert ("abortConnection",) not in p.remote.calls() + p.client.calls()
+
+
+def test_a_loss_after_a_half_close_lingers_the_half_open_side():
+    p = Pair(linger_timeout=5)
+    p.relay.read_closed(p.relay.remote)  # the client's write half is shut, still flushing
+    p.relay.lost(p.relay.remote)
+    p.clock.advance(5)
+    assert p.client.calls()[-1] == ("abortConnection",)
+    assert p.relay.cut_off == "client"
+
+
+def test_fins_from_both_sides_linger_both():
+    p = Pair(linger_timeout=5)
+    p.relay.read_closed(p.relay.client)
+    p.relay.read_closed(p.relay.remote)
+    assert len(p.clock.getDelayedCalls()) == 1
+    p.clock.advance(5)
+    assert p.client.calls()[-1] == p.remote.calls()[-1] == ("abortConnection",)
+    assert p.relay.cut_off == "both"
+
+
+def test_a_side_lost_during_the_linger_time_is_not_aborted():
+    p = Pair(linger_timeout=5)
+    p.relay.read_closed(p.relay.client)
+    p.relay.read_closed(p.relay.remote)
+    p.relay.lost(p.relay.client)
+    p.clock.advance(5)
+    assert ("abortConnection",) not in p.client.calls()
+    assert p.remote.calls()[-1] == ("abortConnection",)
+    assert p.relay.cut_off == "remote"
+
+
+# -- a paused side that is reset -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paused, consumer", [("client", "remote"), ("remote", "client")])
+def test_a_paused_side_that_was_reset_is_aborted(paused, consumer):
+    """The reactor does not watch a paused socket: the relay asks the kernel."""
+    p = Pair()
+    getattr(p, consumer).producer.pauseProducing()
+    assert getattr(p, paused).paused
+    p.clock.advance(1)
+    assert ("abortConnection",) not in getattr(p, paused).calls()
+    assert len(p.clock.getDelayedCalls()) == 1  # still paused: asked again
+    p.reset.add(paused)
+    p.clock.advance(1)
+    assert getattr(p, paused).calls()[-1] == ("abortConnection",)
+    assert p.clock.getDelayedCalls() == []
+    # the transport then reports its loss, and the peer gets its linger time
+    p.relay.lost(getattr(p.relay, paused))
+    assert getattr(p, consumer).calls()[-2:] == [("unregisterProducer",), ("loseConnection",)]
+
+
+def test_a_resumed_side_is_no_longer_asked():
+    p = Pair()
+    p.remote.producer.pauseProducing()
+    p.remote.producer.resumeProducing()
+    p.reset.add("client")
+    p.clock.advance(1)
+    assert ("abortConnection",) not in p.client.calls()
+    assert p.clock.getDelayedCalls() == []
+
+
+def test_an_unpaused_relay_asks_nothing():
+    p = Pair()
+    p.data_up(b"x")
+    p.data_down(b"y")
     assert p.clock.getDelayedCalls() == []
 
 
@@ -491,3 +632,25 @@ def test_replay_of_a_loss_counts_as_loss_even_after_a_fin():
     pending.replay(p.relay, p.relay.remote)
     assert p.relay.remote.lost
     assert p.client.calls() == [("unregisterProducer",), ("loseConnection",)]
+
+
+# -- half-close over TLS ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls, plain", [("client", "remote"), ("remote", "client")])
+def test_fin_towards_a_tls_side_sends_close_notify_and_keeps_the_other_way(tls, plain):
+    from zope.interface import directlyProvides
+    from twisted.internet.interfaces import ISSLTransport
+
+    p = Pair()
+    directlyProvides(getattr(p, tls), ISSLTransport)
+    p.relay.read_closed(getattr(p.relay, plain))
+    tls_transport = getattr(p, tls)
+    # TLS has no write half to shut: loseConnection sends close_notify and keeps reading
+    assert tls_transport.calls() == [("unregisterProducer",), ("loseConnection",)]
+    assert not tls_transport.write_closed
+    assert getattr(p, plain).calls() == [] and not getattr(p, plain).disconnecting
+    # the TLS side's data still reaches the plain side until its own close_notify
+    p.relay.data(getattr(p.relay, tls), b"still flowing")
+    assert getattr(p, plain).value() == b"still flowing"
+    assert p.finished == []

@@ -795,7 +795,7 @@ def test_constructor_raises_on_a_bad_file(tmp_path: Path) -> None:
 # --- the rule tester ---------------------------------------------------------------
 
 
-def tester(*args: str) -> subprocess.CompletedProcess[str]:
+def run_tester(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "socksident.rules", *args],
         cwd=REPO,
@@ -813,7 +813,7 @@ def example_line(text: str) -> int:
 
 
 def test_tester_permit_with_confirmed_ident() -> None:
-    run = tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:80", "--user", "alice",
+    run = run_tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:80", "--user", "alice",
                  "--ident-user", "alice")
     line = example_line("permit\t?=I 10.0.0.0 255.0.0.0")
     assert run.returncode == 0, run.stderr
@@ -828,7 +828,7 @@ def test_tester_permit_with_confirmed_ident() -> None:
 
 
 def test_tester_mismatch_shows_sanitized_bad_id_command() -> None:
-    run = tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:80", "--user", "alice",
+    run = run_tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:80", "--user", "alice",
                  "--ident-user", "a;rm -rf /")
     assert run.returncode == 1
     assert "decision: deny (93): identd names 'a;rm -rf /', request claims 'alice'\n" in run.stdout
@@ -837,17 +837,17 @@ def test_tester_mismatch_shows_sanitized_bad_id_command() -> None:
 
 
 def test_tester_without_ident_user_evaluates_as_no_identd() -> None:
-    run = tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:443", "--user", "alice")
+    run = run_tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:443", "--user", "alice")
     assert run.returncode == 1
     assert "evaluated as --no-identd" in run.stdout
     assert "decision: deny (92): no ident answer: no identd (tester)\n" in run.stdout
     assert "command: logger -p auth.notice" in run.stdout
-    explicit = tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:443", "--no-identd")
+    explicit = run_tester(EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.80:443", "--no-identd")
     assert explicit.returncode == 1 and "ident: no answer (--no-identd)\n" in explicit.stdout
 
 
 def test_tester_denied_host() -> None:
-    run = tester(EXAMPLE, "--src", "192.168.99.7", "--dst", "192.0.2.80:80")
+    run = run_tester(EXAMPLE, "--src", "192.168.99.7", "--dst", "192.0.2.80:80")
     line = example_line("deny\t192.168.99.0")
     assert run.returncode == 1
     assert f"line: {EXAMPLE}:{line}: deny\t192.168.99.0 255.255.255.0\n" in run.stdout
@@ -857,7 +857,7 @@ def test_tester_denied_host() -> None:
 
 def test_tester_no_matching_line() -> None:
     path = "tests/../examples/sockd.conf"
-    run = tester(path, "--src", "2001:db8:9::1", "--dst", "192.0.2.80:443")
+    run = run_tester(path, "--src", "2001:db8:9::1", "--dst", "192.0.2.80:443")
     assert run.returncode == 1
     assert "line: none (no line matches: deny)\n" in run.stdout
     assert "decision: deny (91): no rule matches 192.0.2.80\n" in run.stdout
@@ -865,42 +865,42 @@ def test_tester_no_matching_line() -> None:
 
 def test_tester_user_list_line_and_global_mode() -> None:
     staff = ["--dst", "10.9.4.4:8080", "--src", "10.1.2.3", "--ident-user", "bob"]
-    assert tester(EXAMPLE, *staff, "--user", "bob").returncode == 0
-    assert tester(EXAMPLE, *staff, "--user", "carol").returncode == 1  # falls to the deny line
+    assert run_tester(EXAMPLE, *staff, "--user", "bob").returncode == 0
+    assert run_tester(EXAMPLE, *staff, "--user", "carol").returncode == 1  # falls to the deny line
     build = [EXAMPLE, "--src", "172.16.4.4", "--dst", "192.0.2.80:80", "--no-identd"]
-    assert tester(*build).returncode == 0
-    assert tester(*build, "--ident", "check").returncode == 0
-    strict = tester(*build, "--ident", "require")
+    assert run_tester(*build).returncode == 0
+    assert run_tester(*build, "--ident", "check").returncode == 0
+    strict = run_tester(*build, "--ident", "require")
     assert strict.returncode == 1 and "decision: deny (92)" in strict.stdout
 
 
 def test_tester_bind_line() -> None:
     args = [EXAMPLE, "--src", "10.1.2.3", "--dst", "192.0.2.21:21", "--no-identd"]
-    bind = tester(*args, "--bind")
+    bind = run_tester(*args, "--bind")
     assert bind.returncode == 0 and "request: bind from 10.1.2.3" in bind.stdout
-    assert tester(*args).returncode == 1
+    assert run_tester(*args).returncode == 1
 
 
 def test_tester_socks4a_name() -> None:
     args = [EXAMPLE, "--src", "192.168.1.20", "--dst", "WWW.Example.com:443"]
-    resolved = tester(*args, "--addresses", "192.0.2.1,192.0.2.2")
+    resolved = run_tester(*args, "--addresses", "192.0.2.1,192.0.2.2")
     line = example_line("permit\t?=n 192.168.1.0/24")
     assert resolved.returncode == 0, resolved.stdout
     assert "to www.example.com:443 (SOCKS4A; addresses: 192.0.2.1, 192.0.2.2)" in resolved.stdout
     assert f"line for 192.0.2.2: {EXAMPLE}:{line}:" in resolved.stdout
-    unresolved = tester(*args, "--addresses", "")
+    unresolved = run_tester(*args, "--addresses", "")
     assert unresolved.returncode == 1
     assert "addresses: none, the name did not resolve" in unresolved.stdout
     assert "decision: deny (91): www.example.com does not resolve" in unresolved.stdout
     assert "ident: not asked" in unresolved.stdout
-    other = tester(EXAMPLE, "--src", "192.168.1.20", "--dst", "www.example.org:443", "--addresses", "")
+    other = run_tester(EXAMPLE, "--src", "192.168.1.20", "--dst", "www.example.org:443", "--addresses", "")
     assert other.returncode == 1
 
 
 def test_tester_says_a_deny_line_command_does_not_run(tmp_path: Path) -> None:
     rules = tmp_path / "sockd.conf"
     rules.write_text("deny 0.0.0.0 0.0.0.0 : finger @%A\n")
-    run = tester(str(rules), "--src", "10.1.2.3", "--dst", "192.0.2.1:80")
+    run = run_tester(str(rules), "--src", "10.1.2.3", "--dst", "192.0.2.1:80")
     assert run.returncode == 1
     assert run.stdout.endswith("command: none (commands on deny lines never run)\n")
 
@@ -908,7 +908,7 @@ def test_tester_says_a_deny_line_command_does_not_run(tmp_path: Path) -> None:
 def test_tester_parse_error_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "sockd.conf"
     bad.write_text("# site rules\npermit 10.0.0.0/8\ndeny 0.0.0.0 0.0.0.0 0.0.0.0 0.0.0.0 equal 80\n")
-    run = tester(str(bad), "--src", "10.1.2.3", "--dst", "192.0.2.1:80")
+    run = run_tester(str(bad), "--src", "10.1.2.3", "--dst", "192.0.2.1:80")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == f"{bad}:3: unknown operator 'equal'; expected one of eq, neq, lt, gt, le, ge\n"
 
@@ -927,7 +927,7 @@ def test_tester_parse_error_exits_2(tmp_path: Path) -> None:
     ],
 )
 def test_tester_usage_errors_exit_2(args: list[str]) -> None:
-    run = tester(EXAMPLE, *args)
+    run = run_tester(EXAMPLE, *args)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip()
 

@@ -50,10 +50,11 @@ class FakeIdent:
     def __init__(self) -> None:
         self.queries: list[tuple[Any, ...]] = []
         self.pending: list[Deferred[IdentAnswer]] = []
+        self.cancelled: list[Deferred[IdentAnswer]] = []
 
     def __call__(self, client_host: str, client_port: int, server_host: str, server_port: int, **kw: Any) -> Deferred[IdentAnswer]:
         self.queries.append((client_host, client_port, server_host, server_port, kw))
-        d: Deferred[IdentAnswer] = Deferred()
+        d: Deferred[IdentAnswer] = Deferred(self.cancelled.append)
         self.pending.append(d)
         return d
 
@@ -98,9 +99,14 @@ class Harness:
         factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
 
     def relayed(self, data: bytes = b"CONNECT") -> Transport:
+        """A granted CONNECT whose relay has carried `data` upstream; both sides cleared."""
         self.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
         remote = self.connect_outbound()
+        assert self.client.value() == build_reply(ReplyCode.GRANTED, 80, "192.0.2.7")
+        self.send(data)
+        assert remote.value() == data
         self.client.clear()
+        remote.clear()
         return remote
 
 
@@ -109,12 +115,18 @@ def test_connect_granted_only_after_the_outbound_connection(access_events):
     h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") + b"early ")
     h.send(b"bytes")
     host, port, _, timeout, _ = h.reactor.tcpClients[0]
-    assert (host, port, timeout) == ("192.0.2.7", 8080, 120.0)
+    # No timer of Twisted's: the request's one deadline covers the connect.
+    assert (host, port, timeout) == ("192.0.2.7", 8080, None)
     assert h.client.value() == b""
     remote = h.connect_outbound()
     assert h.client.value() == build_reply(ReplyCode.GRANTED, 8080, "192.0.2.7")
     assert remote.value() == b"early bytes"
-    assert remote.producer is h.client and h.client.producer is remote
+    # each transport pauses the other: the slow reader's buffer pauses the writer
+    remote.producer.pauseProducing()
+    h.client.producer.pauseProducing()
+    assert (h.client.producerState, remote.producerState) == ("paused", "paused")
+    remote.producer.resumeProducing()
+    h.client.producer.resumeProducing()
     assert h.proto.state == "relay"
     assert access_events == []
 
@@ -130,7 +142,7 @@ def test_relay_moves_bytes_both_ways_and_logs_once(access_events):
     assert h.client.disconnecting and h.client.producer is None
     h.proto.connectionLost(Failure(Exception("done")))
     [event] = access_events
-    assert (event["code"], event["bytes_up"], event["bytes_down"]) == (90, 4, 5)
+    assert (event["code"], event["bytes_up"], event["bytes_down"]) == (90, len(b"CONNECT") + 4, 5)
     assert event["user"] == "alice" and event["command"] == "CONNECT"
     assert event["destination"] == "192.0.2.7" and event["port"] == 80
     assert h.factory.open_connects == {}
@@ -381,7 +393,7 @@ def test_refused_requests_ask_no_identd():
 def test_client_gone_during_ident_cancels_the_query():
     h = ident_harness(IdentMode.REQUIRE)
     h.proto.connectionLost(Failure(Exception()))
-    assert h.ident.pending[0].called  # cancelled
+    assert h.ident.cancelled == h.ident.pending
     assert h.reactor.tcpClients == []
 
 
@@ -500,6 +512,29 @@ def test_the_ident_answer_is_logged_even_when_the_policy_does_not_return_it(acce
     assert access_events[0]["ident_user"] == "alice"
 
 
+@pytest.mark.parametrize("gone", ["client", "remote"])
+def test_the_record_waits_for_the_pair_and_names_the_side_cut_off(access_events, gone):
+    """A side whose peer is gone gets the linger time, then is aborted; the
+    record is written when both are gone and says which one was cut off."""
+    h = Harness(ServerSettings(linger_timeout=3))
+    remote = h.relayed(b"")
+    h.send(b"up")
+    protos = {"client": h.proto, "remote": h.remote_proto}
+    transports = {"client": h.client, "remote": remote}
+    other = "remote" if gone == "client" else "client"
+    protos[gone].connectionLost(Failure(Exception("reset")))
+    assert transports[other].disconnecting and not transports[other].disconnected
+    h.reactor.advance(2.9)
+    assert not transports[other].disconnected and access_events == []
+    h.reactor.advance(0.1)
+    assert transports[other].disconnected  # aborted
+    protos[other].connectionLost(Failure(Exception("aborted")))
+    [event] = access_events
+    assert (event["cut_off"], event["dropped"], event["bytes_up"]) == (other, 0, 2)
+    assert event["code"] == 90
+    assert f"cut-off={other} dropped=0" in event["log_format"].format(**event)
+
+
 def test_idle_timeout_aborts_even_when_a_peer_does_not_read(access_events):
     h = Harness(ServerSettings(idle_timeout=5))
     remote = h.relayed()
@@ -554,6 +589,7 @@ def test_a_failing_ident_query_is_an_internal_error_at_once(access_events):
 
 def test_the_transition_table():
     assert TRANSITIONS == {
+        State.HEADER: {State.REQUEST, State.CLOSED},
         State.REQUEST: {State.PENDING, State.CLOSED},
         State.PENDING: {State.BIND_WAIT, State.RELAY, State.CLOSED},
         State.BIND_WAIT: {State.RELAY, State.CLOSED},
@@ -693,3 +729,30 @@ def test_a_programming_error_while_connecting_is_an_internal_error(access_events
     [failure] = [e["log_failure"] for e in events if "log_failure" in e]
     assert failure.check(TypeError)
     assert access_events[0]["reason"].startswith("internal error: TypeError")
+
+
+# -- the reply address, the ident query's reactor, resolved duplicates -------------------
+
+
+def test_a_destination_reached_over_ipv6_is_announced_as_0_0_0_0(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 443, "", "bob", hostname="v6.example"))
+    h.resolver.answer("2001:db8::7")
+    h.connect_outbound()
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 443, "0.0.0.0")
+
+
+def test_the_ident_query_runs_on_the_servers_reactor():
+    h = ident_harness(IdentMode.REQUIRE)
+    [(*_, kw)] = h.ident.queries
+    assert kw["reactor"] is h.reactor
+
+
+def test_an_address_resolved_twice_is_tried_once(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 443, "", "bob", hostname="www.example.com"))
+    h.resolver.answer("192.0.2.9", "2001:db8::1", "192.0.2.9", "2001:db8::1")
+    h.refuse_outbound(0)
+    h.refuse_outbound(1)
+    assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.9", 443), ("2001:db8::1", 443)]
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)

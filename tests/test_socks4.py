@@ -215,3 +215,67 @@ def test_codec_imports_no_twisted():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _hostname(length: int) -> bytes:
+    """A valid host name of exactly `length` bytes (labels of at most 63)."""
+    labels, left = [], length
+    while left > 0:
+        size = min(63, left if left <= 63 else left - 2)
+        labels.append(b"h" * size)
+        left -= size + 1
+    return b".".join(labels)
+
+
+@pytest.mark.parametrize("length", range(240, 256))
+def test_userid_at_the_limit_split_before_its_nul(length):
+    parser = RequestParser()
+    assert parser.feed(bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"u" * length) is None
+    assert parser.buffered == 8 + length
+    assert parser.feed(b"\x00").user_id == "u" * length
+
+
+def test_userid_one_past_the_limit_is_refused_before_its_nul():
+    parser = RequestParser()
+    assert parser.feed(bytes([4, 1, 0, 80, 1, 2, 3, 4]) + b"u" * 255) is None
+    with pytest.raises(FieldTooLong, match="USERID longer than 255"):
+        parser.feed(b"u")
+
+
+@pytest.mark.parametrize("length", range(240, 256))
+def test_socks4a_name_at_the_limit_split_before_its_nul(length):
+    name = _hostname(length)
+    assert len(name) == length
+    parser = RequestParser()
+    assert parser.feed(bytes([4, 1, 0, 80, 0, 0, 0, 1]) + b"u\x00" + name) is None
+    request = parser.feed(b"\x00")
+    assert request.hostname == name.decode()
+
+
+def test_socks4a_name_one_past_the_limit_is_refused_before_its_nul():
+    parser = RequestParser()
+    assert parser.feed(bytes([4, 1, 0, 80, 0, 0, 0, 1]) + b"u\x00" + _hostname(255)) is None
+    with pytest.raises(FieldTooLong, match="host name longer than 255"):
+        parser.feed(b"h")
+
+
+@pytest.mark.parametrize("marker", [bytes([1, 2, 3, 4]), bytes([0, 0, 0, 1])], ids=["4", "4a"])
+def test_early_data_holding_nuls_stays_leftover(marker):
+    name = b"example.com\x00" if marker[:3] == b"\x00\x00\x00" else b""
+    early = b"GET\x00 /\x00\x00x"
+    parser = RequestParser()
+    request = parser.feed(bytes([4, 1, 0, 80]) + marker + b"alice\x00" + name + early)
+    assert request.user_id == "alice"
+    assert request.hostname == (name[:-1].decode() if name else None)
+    assert parser.leftover == early and parser.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "host, announced",
+    [("192.0.2.7", "192.0.2.7"), ("2001:db8::7", "0.0.0.0"), ("::ffff:192.0.2.7", "192.0.2.7"),
+     ("::", "0.0.0.0")],
+)
+def test_reply_address_holds_ipv4_only(host, announced):
+    from socksident.socks4 import reply_address
+
+    assert reply_address(host) == announced

@@ -6,7 +6,7 @@ from twisted.python import usage
 
 from socksident.policy import DefaultPolicy, IdentMode
 from socksident.settings import ServerSettings
-from socksident.tap import DEFAULT_PORT, ListenError, Options, makeService
+from socksident.tap import DEFAULT_PORT, ListenError, Options, makeService, with_backlog
 
 
 def parse(*argv: str) -> Options:
@@ -21,6 +21,7 @@ def test_defaults_are_safe_and_documented():
     settings = options["settings"]
     assert (settings.request_timeout, settings.connect_timeout, settings.bind_timeout) == (30, 120, 120)
     assert settings.idle_timeout is None and settings.ident_timeout == 15
+    assert settings.linger_timeout == 5
     assert settings.ident_port == 113 and settings.bind_ports is None
     assert settings.bind_address is None
     assert not settings.bind_without_connect
@@ -59,7 +60,9 @@ def test_timeouts_and_bind_settings():
         "--request-timeout", "5", "--connect-timeout", "7.5", "--bind-timeout", "9",
         "--idle-timeout", "600", "--ident-timeout", "3", "--ident-port", "1113",
         "--bind-ports", "40000-40010", "--bind-without-connect", "--bind-address", "127.0.0.2",
+        "--linger-timeout", "2.5",
     )["settings"]
+    assert settings.linger_timeout == 2.5
     assert (settings.request_timeout, settings.connect_timeout, settings.bind_timeout) == (5, 7.5, 9)
     assert (settings.idle_timeout, settings.ident_timeout, settings.ident_port) == (600, 3, 1113)
     assert settings.bind_ports == (40000, 40010) and settings.bind_without_connect
@@ -74,6 +77,7 @@ def test_timeouts_and_bind_settings():
         (["--connect-timeout", "soon"], "--connect-timeout takes a number of seconds"),
         (["--request-timeout", "0"], "--request-timeout must be a positive number"),
         (["--idle-timeout", "-1"], "--idle-timeout must be a positive number"),
+        (["--linger-timeout", "0"], "--linger-timeout must be a positive number"),
         (["--bind-ports", "10-5"], "--bind-ports takes LOW-HIGH"),
         (["--bind-ports", "0-5"], "--bind-ports takes LOW-HIGH"),
         (["--bind-ports", "a-b"], "--bind-ports takes LOW-HIGH"),
@@ -209,3 +213,43 @@ def test_arguments_after_a_double_dash_are_left_alone():
 
     assert _expand_bare_ident(["--ident", "--", "--ident"]) == ["--ident=require", "--", "--ident"]
     assert _expand_bare_ident(["--", "--ident", "check"]) == ["--", "--ident", "check"]
+
+
+def test_tcp_and_tls_listeners_get_a_backlog_that_holds_a_burst():
+    assert with_backlog("tcp:1080:interface=127.0.0.1") == "tcp:1080:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("tcp6:1080") == "tcp6:1080:backlog=1024"
+    assert with_backlog("ssl:1443:privateKey=k.pem") == "ssl:1443:privateKey=k.pem:backlog=1024"
+    assert with_backlog("tcp:1080:backlog=7") == "tcp:1080:backlog=7"
+    assert with_backlog("unix:/tmp/s") == "unix:/tmp/s"
+    options = parse()
+    assert options["endpoints"][0]._backlog == 1024
+    assert parse("--port", "tcp:1081:backlog=9")["endpoints"][0]._backlog == 9
+
+
+def test_start_up_objects_are_frozen_out_of_the_cyclic_collector_once_running(monkeypatch):
+    import gc
+
+    from twisted.internet.testing import MemoryReactor
+
+    from socksident import tap
+
+    reactor = MemoryReactor()
+    monkeypatch.setattr(tap, "global_reactor", lambda: reactor)
+    [freeze] = [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, tap._FreezeAfterStartUp)]
+    freeze.startService()
+    assert [call[0] for call in reactor.whenRunningHooks] == [gc.freeze]
+def test_source_address_one_per_family_of_this_host() -> None:
+    from twisted.python import usage
+
+    from socksident.tap import Options
+
+    options = Options()
+    options.parseOptions(["--source-address", "127.0.0.2", "--source-address", "::1"])
+    assert options["settings"].source_addresses == ("127.0.0.2", "::1")
+    for argv, message in [
+        (["--source-address", "127.0.0.2", "--source-address", "127.0.0.3"], "one address per family"),
+        (["--source-address", "192.0.2.1"], "not an address of this host"),
+        (["--source-address", "nowhere"], "takes an IP address"),
+    ]:
+        with pytest.raises(usage.UsageError, match=message):
+            Options().parseOptions(argv)

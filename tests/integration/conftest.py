@@ -251,14 +251,28 @@ def executable(name: str) -> Optional[str]:
     return shutil.which(name)
 
 
+def logged_failures(capture: "LogCapture") -> list[str]:
+    """The tracebacks logged so far, once garbage has been collected.
+
+    A Deferred that is garbage-collected with a failure nobody handled logs
+    "Unhandled error in Deferred" only as it goes: collecting first makes
+    such a Deferred left by this test show here, not in some later test.
+    """
+    import gc
+
+    gc.collect()
+    return [
+        f"{e.get('log_namespace')}: {e.get('log_format')}: {e['log_failure'].getTraceback()}"
+        for e in capture.failures
+    ]
+
+
 @pytest.fixture(autouse=True)
 def no_tracebacks_logged(log_capture):
-    """Whatever a test checks, the server must not have logged a traceback."""
+    """Whatever a test checks, the server must not have logged a traceback
+    nor left a Deferred with an unhandled failure."""
     yield
-    failures = [
-        f"{e.get('log_namespace')}: {e['log_failure'].getTraceback()}"
-        for e in log_capture.failures
-    ]
+    failures = logged_failures(log_capture)
     assert not failures, "tracebacks were logged:\n" + "\n".join(failures)
 
 
@@ -325,3 +339,28 @@ class SpeakThenHalfClose(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if not self.done.called:
             self.done.callback((self.eof, bytes(self.received)))
+
+
+# -- a real twistd, watched from outside --------------------------------------
+
+
+@pytest.fixture
+def twistd_server(tmp_path):
+    """Start `twistd socks4 ARGS` (`TwistdServer`); stops each at teardown, and
+    fails the test if a server's log shows a traceback or an unhandled failure
+    (a Deferred garbage-collected with an error nobody handled)."""
+    from .twistd_server import TwistdServer
+
+    started: list[TwistdServer] = []
+
+    def start(*args: str, **kwargs: Any) -> TwistdServer:
+        server = TwistdServer(tmp_path, args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    poisoned = []
+    for server in started:
+        server.stop()
+        poisoned += server.poison()
+    assert not poisoned, "the server's log shows failures:\n" + "\n".join(poisoned)

@@ -207,7 +207,7 @@ async def test_full_bind_sequence(proxy, log_capture):
 @pytest_twisted.ensureDeferred
 async def test_inbound_from_another_address_gets_91(proxy, log_capture):
     if not can_bind(OTHER_LOOPBACK):
-        pytest.skip(f"cannot bind a socket to {OTHER_LOOPBACK} on this host")
+        skip_unless_strict(f"cannot bind a socket to {OTHER_LOOPBACK} on this host")
     result = await in_thread(full_sequence, proxy.port, OTHER_LOOPBACK, b"", b"")
     assert result["first"][0] == 90
     assert result["second"] == (91, 0, "0.0.0.0")
@@ -388,7 +388,7 @@ async def test_dual_stack_proxy_announces_the_ipv4_address(log_capture):
     """A proxy listening on :: sees IPv4 clients as ::ffff:a.b.c.d; BIND must still
     listen on, and announce, the IPv4 address the client used."""
     if not _ipv6_available():
-        pytest.skip("no IPv6 on this host")
+        skip_unless_strict("no IPv6 on this host")
     factory = SOCKS4ServerFactory()
     factory.noisy = False
     listening = reactor.listenTCP(0, factory, interface="::")

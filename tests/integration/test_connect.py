@@ -594,7 +594,7 @@ async def test_not_socks4_then_next_client_is_served(
 def _twistd() -> str:
     path = Path(sys.executable).with_name("twistd")
     if not path.exists():
-        pytest.skip(f"no twistd next to {sys.executable}")
+        skip_unless_strict(f"no twistd next to {sys.executable}")
     return str(path)
 
 

@@ -156,7 +156,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _case(scenario: dict, name: str) -> dict[str, Any]:
     if name in scenario["skipped"]:
-        pytest.skip(f"{name}: {scenario['skipped'][name]}")
+        skip_unless_strict(f"{name}: {scenario['skipped'][name]}")
     assert name in scenario["cases"], f"case {name} did not run:\n{scenario['stderr']}"
     return scenario["cases"][name]
 

@@ -27,7 +27,7 @@ import pytest
 
 from socksident.socks4 import Command, ReplyCode, build_request
 
-from .conftest import recv_exactly
+from .conftest import recv_exactly, skip_unless_strict
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ class Twistd:
     def __init__(self, workdir: Path, *args: str) -> None:
         twistd = Path(sys.executable).with_name("twistd")
         if not twistd.exists():
-            pytest.skip(f"no twistd next to {sys.executable}")
+            skip_unless_strict(f"no twistd next to {sys.executable}")
         self.port = free_port()
         self.stdout_path = workdir / "twistd.out"
         self.stderr_path = workdir / "twistd.err"
@@ -349,7 +349,7 @@ def example_line(prefix: str) -> int:
     return number
 
 
-def tester(*args: str) -> subprocess.CompletedProcess[str]:
+def run_tester(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "socksident.rules", *args],
         cwd=REPO, capture_output=True, text=True, timeout=30,
@@ -373,7 +373,7 @@ def tester(*args: str) -> subprocess.CompletedProcess[str]:
     ids=["smtp-denied", "management-low-port", "ipv6-lab"],
 )
 def test_tester_on_the_example_file(args, status, prefix, decision):
-    run = tester(str(EXAMPLE), *args)
+    run = run_tester(str(EXAMPLE), *args)
     location = f"{EXAMPLE}:{example_line(prefix)}"
     assert run.returncode == status, run.stdout + run.stderr
     assert f"line: {location}: {prefix}" in run.stdout
@@ -382,6 +382,6 @@ def test_tester_on_the_example_file(args, status, prefix, decision):
 
 def test_tester_missing_rules_file_exits_2(tmp_path):
     missing = tmp_path / "nonexistent.conf"
-    run = tester(str(missing), "--src", "10.1.2.3", "--dst", "192.0.2.80:80")
+    run = run_tester(str(missing), "--src", "10.1.2.3", "--dst", "192.0.2.80:80")
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == f"{missing}: cannot read the rules file: No such file or directory\n"
