@@ -33,7 +33,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from socksident.accesslog import AccessRecord
-from socksident.server import LiveCounts
+from socksident.livecounts import LiveCounts
 
 __all__ = ["MULTIPROC_ENV", "Metrics", "MetricsResource", "MetricsService", "multiprocess"]
 

@@ -9,8 +9,6 @@ client: its 92 and 93 describe the hop's view of *us*, not of our client.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
-from twisted.python.failure import Failure
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import (

@@ -1,0 +1,249 @@
+"""One request's way from the policy check to a connected remote side.
+
+`Establishment.start()` is the chain of Deferreds the design card asks for:
+resolve a SOCKS4A name, ask the policy (which may ask identd), then connect,
+go through the next hop, or listen and accept a BIND.  It knows nothing of
+the client's transport, replies or records: the protocol (`server.py`)
+owns those, cancels the chain when something ends it early, and reads
+what was decided here (`decision`, `destination_address`, `via`,
+`hop_reply`, `ident`) for its access record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol, cast
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from socksident import bind, outbound
+from socksident.address import host_and_port, is_unspecified, not_local_because
+from socksident.connection import ConnectionInfo
+from socksident.ident import IdentAnswer, IdentOutcome
+from socksident.identclient import IdentQuery, SharedIdentQuery
+from socksident.nexthop import NextHop, NextHopFailed
+from socksident.policy import Decision, IEarlyRefusal, IPolicy, PolicyContext
+from socksident.relay import RemoteProtocol
+from socksident.settings import ServerSettings
+from socksident.socks4 import Command, Request, RequestRejectedOrFailed
+
+__all__ = ["Establishment", "SharedState"]
+
+log = Logger()
+
+_REMOTE_FACTORY = Factory.forProtocol(RemoteProtocol)
+_REMOTE_FACTORY.noisy = False
+
+
+class SharedState(Protocol):
+    """What an establishment needs of the server factory (all requests share it)."""
+
+    policy: IPolicy
+    settings: ServerSettings
+    ident_query: IdentQuery
+    next_hop: Optional[NextHop]
+    open_connects: bind.OpenConnects
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def resolver(self) -> IHostnameResolver: ...
+
+
+class Establishment:
+    """Policy, then the remote side, for one parsed request."""
+
+    def __init__(
+        self,
+        shared: SharedState,
+        connection: ConnectionInfo,
+        request: Request,
+        bind_listening: Callable[[bind.OneShotListener], None],
+    ) -> None:
+        self.shared = shared
+        self.settings = shared.settings
+        self.reactor = shared.reactor
+        self.connection = connection
+        self.request = request
+        self._bind_listening = bind_listening  # BIND's first reply
+        self.decision: Optional[Decision] = None
+        self.destination_address: Optional[str] = None
+        self.via: Optional[NextHop] = None  # set when the request goes to the next hop
+        self.hop_reply: Optional[str] = None
+        self.ident: Optional[SharedIdentQuery] = None
+
+    def start(self) -> Deferred[RemoteProtocol]:
+        """The chain: fires with the connected remote side, or fails with a refusal."""
+        fast = self._connect_address()
+        return fast if fast is not None else Deferred.fromCoroutine(self._serve())
+
+    @property
+    def ident_answer(self) -> Optional[IdentAnswer]:
+        """What the client's identd said, if it was asked and has answered."""
+        if self.decision is not None and self.decision.ident is not None:
+            return self.decision.ident
+        return self.ident.answer if self.ident is not None else None
+
+    # -- the policy -------------------------------------------------------------
+
+    def _context(self, addresses: tuple[str, ...]) -> PolicyContext:
+        if self.ident is None:
+            self.ident = SharedIdentQuery(self._start_ident_query)
+        info = self.connection
+        return PolicyContext(
+            info.client_host,
+            info.client_port,
+            info.server_host,
+            info.server_port,
+            addresses,
+            self.ident,
+        )
+
+    def _start_ident_query(self) -> Deferred[IdentAnswer]:
+        info = self.connection
+        if info.via is not None:
+            why = not_local_because(info.server_host)
+            if why is not None:
+                # The client's identd only names connections it sees asked
+                # about from their own far end: the balancer's address.
+                reason = (
+                    f"cannot ask from {info.server_host}, the address the client connected"
+                    f" to through the balancer: {why}"
+                )
+                log.info("ident for {client}: {reason}", client=info.client, reason=reason)
+                return succeed(IdentAnswer(IdentOutcome.NO_ANSWER, error=reason))
+        query: IdentQuery = self.shared.ident_query
+        return query(
+            info.client_host,
+            info.client_port,
+            info.server_host,
+            info.server_port,
+            reactor=self.reactor,
+            ident_port=self.settings.ident_port,
+            timeout=self.settings.ident_timeout,
+        )
+
+    def _decided(self, decision: Decision) -> None:
+        self.decision = decision
+        refusal = decision.refusal()
+        if refusal is not None:
+            raise refusal
+
+    # -- the hot path: CONNECT to an IP address -----------------------------------
+
+    def _connect_address(self) -> Optional[Deferred[RemoteProtocol]]:
+        """The same steps as `_serve` (policy, then connect) as plain calls
+        and at most two Deferreds, for a CONNECT to an IP address; None for
+        every other request."""
+        request = self.request
+        if (
+            request.hostname is not None
+            or request.command is not Command.CONNECT
+            or is_unspecified(request.address)
+        ):
+            return None
+        try:
+            decided = self.shared.policy.check(request, self._context((request.address,)))
+            if isinstance(decided, Deferred):
+                return decided.addCallback(self._connect_decided)
+            return self._connect_decided(decided)
+        except Exception:  # a refusal, or a bug: the server tells them apart
+            return fail()
+
+    def _connect_decided(self, decision: Decision) -> Deferred[RemoteProtocol]:
+        self._decided(decision)
+        address, port = self.request.address, self.request.port
+        self.destination_address = address
+        if self.settings.source_addresses:
+            # A chosen source address: the race's attempt binds it (and
+            # refuses a family without one).
+            raced = outbound.connect(
+                self.reactor,
+                (address,),
+                port,
+                self.settings.connect_timeout,
+                _REMOTE_FACTORY,
+                self.settings.source_addresses,
+            )
+            return cast("Deferred[RemoteProtocol]", raced.addCallback(lambda won: won[1]))
+        connected = outbound.connect_one(self.reactor, address, port, _REMOTE_FACTORY)
+        return cast("Deferred[RemoteProtocol]", connected)
+
+    # -- every other request ---------------------------------------------------------
+
+    async def _serve(self) -> RemoteProtocol:
+        request, policy = self.request, self.shared.policy
+        if request.hostname is not None and IEarlyRefusal.providedBy(policy):
+            early = policy.refuse_early(request, self._context(()))
+            if early is not None and early.refusal() is not None:
+                self._decided(early)
+        try:
+            addresses = await outbound.addresses_of(self.shared.resolver, request)
+        except outbound.NotResolved:
+            if self.shared.next_hop is None:
+                raise
+            self.via, addresses = self.shared.next_hop, ()
+        decision = await maybeDeferred(policy.check, request, self._context(addresses))
+        self._decided(cast(Decision, decision))
+        if self.via is not None:
+            return await self._through_next_hop(self.via)
+        if request.command is Command.CONNECT:
+            address, remote = await outbound.connect(
+                self.reactor,
+                addresses,
+                request.port,
+                self.settings.connect_timeout,
+                _REMOTE_FACTORY,
+                self.settings.source_addresses,
+                self.settings.connect_attempt_delay,
+            )
+            self.destination_address = address
+            return cast(RemoteProtocol, remote)
+        return await self._bind(addresses)
+
+    async def _through_next_hop(self, hop: NextHop) -> RemoteProtocol:
+        request = self.request
+        if request.command is not Command.CONNECT:
+            raise RequestRejectedOrFailed(
+                f"{request.destination} does not resolve here; BIND is not forwarded"
+                f" to the next hop {hop.name}"
+            )
+        try:
+            remote = await hop.connect(
+                self.reactor, request, self.settings.connect_timeout, _REMOTE_FACTORY
+            )
+        except NextHopFailed as failed:
+            self.hop_reply = failed.answer
+            log.info("{client}: {reason}", client=self.connection.client, reason=failed.reason)
+            raise
+        self.hop_reply = "90"
+        return cast(RemoteProtocol, remote)
+
+    async def _bind(self, addresses: tuple[str, ...]) -> RemoteProtocol:
+        client_host = self.connection.client_host
+        if not self.settings.bind_without_connect and not self.shared.open_connects.any_open(
+            client_host, addresses
+        ):
+            raise RequestRejectedOrFailed(
+                "BIND without an open CONNECT from this client to "
+                f"{', '.join(addresses)} (see --bind-without-connect)"
+            )
+        listen_on = self.settings.bind_address
+        if listen_on is None:
+            if self.connection.via is not None:
+                raise RequestRejectedOrFailed(
+                    "BIND on a PROXY listener needs a bind address (--bind-address)"
+                )
+            listen_on = self.connection.local_host
+        inbound = await bind.accept_from(
+            self.reactor,
+            listen_on,
+            self.settings.bind_ports,
+            addresses,
+            self._bind_listening,
+        )
+        self.destination_address, _ = host_and_port(inbound.transport.getPeer())
+        return inbound
