@@ -8,7 +8,8 @@ the listening socket, the child gets it as descriptor 3 with
 ``LISTEN_PID`` set to its own pid (a shell sets ``LISTEN_PID=$$`` and
 execs, as systemd sets it between fork and exec).  A SOCKS CONNECT goes
 through the inherited socket; ExecReload, run as written with ``$MAINPID``,
-reloads the rules (logged), and the next request is refused by them.
+reloads the rules (logged), and the next request is refused by them;
+SIGUSR1, as the README's logrotate stanza sends it, reopens the access log.
 
 Two substitutions only, each checked: the twistd of this test's
 environment for the unit's path, and a temporary directory for
@@ -184,6 +185,14 @@ def test_exec_start_serves_on_the_socket_systemd_passes_and_reloads_on_exec_relo
         records = [json.loads(line) for line in access_log.read_text().splitlines()]
         assert [r["code"] for r in records] == [90, 91]
         assert {r["listener"] for r in records} == {f"{proxy[0]}:{proxy[1]}"}
+
+        # logrotate's postrotate (README): rename, then SIGUSR1 to the main pid
+        access_log.rename(access_log.with_suffix(".json.1"))
+        os.kill(process.pid, signal.SIGUSR1)
+        wait_for(access_log.exists, "the access log to be reopened")
+        assert connect(proxy, echo.getsockname()[1]) == (91, b""), text()
+        wait_for(lambda: access_log.read_text().count("\n") == 1, "a record in the new file")
+        assert process.poll() is None, text()  # SIGUSR1 under --logfile=- is no death
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
