@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from .conftest import skip_unless_strict
 
 UNITS = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 WAIT = 20.0
@@ -206,3 +209,21 @@ def test_exec_start_serves_on_the_socket_systemd_passes_and_reloads_on_exec_relo
     assert process.returncode in (0, -signal.SIGTERM), text()
     assert "Server Shut Down." in text(), text()
     assert "Traceback" not in text(), text()
+
+
+def test_systemd_reads_every_line_of_the_units(tmp_path):
+    """`systemd-analyze verify` knows every key (a misspelt hardening option
+    would be ignored with a warning) and finds the command it runs."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        skip_unless_strict("needs systemd-analyze (Debian package systemd)")
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    for unit in ("socksident.socket", "socksident.service"):
+        text = (UNITS / unit).read_text()
+        (tmp_path / unit).write_text(text.replace(exec_start()[0], twistd))
+    done = subprocess.run(
+        [analyze, "verify", str(tmp_path / "socksident.socket"),
+         str(tmp_path / "socksident.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
