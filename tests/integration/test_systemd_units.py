@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 from .conftest import skip_unless_strict
 
