@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-
 from .conftest import skip_unless_strict
 
 UNITS = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
