@@ -5,8 +5,9 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 # Debian packages the integration tests drive: real clients, a real identd,
 # network namespaces, the BIND client (socksify), a SOCKS4 server we did not write
-# (danted) and gcc for the benchmark's smoke test.
-TEST_DEBS := curl oidentd dante-client dante-server iproute2 util-linux netbase gcc
+# (danted), gcc for the benchmark's smoke test, HAProxy in front of two servers
+# and systemd-analyze for the service units.
+TEST_DEBS := curl oidentd dante-client dante-server iproute2 util-linux netbase gcc haproxy systemd
 
 .PHONY: run test test-unit test-tools typecheck venv bench bench-full bench-relay bench-tools clean fuzz fuzz-ci soak
 
