@@ -20,7 +20,7 @@ from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.policy import Decision
 from socksident.socks4 import Command, ReplyCode, Request, SOCKS4Refusal
 
-__all__ = ["ACCESS_NAMESPACE", "AccessRecord", "emit", "ident_summary"]
+__all__ = ["ACCESS_NAMESPACE", "FIELDS", "AccessRecord", "access_fields", "emit", "ident_summary"]
 
 ACCESS_NAMESPACE = "socksident.access"
 _access_log = Logger(namespace=ACCESS_NAMESPACE)
@@ -151,6 +151,31 @@ class AccessRecord:
             "dropped": self.dropped,
             "next_hop_reply": self.next_hop_reply,
         }
+
+
+#: The names `AccessRecord.fields` returns, in its order (the README's schema).
+FIELDS = (
+    "time", "client", "listener", "via", "user", "command", "destination", "port",
+    "address", "next_hop", "code", "replies", "reason", "refusal", "rule", "ident",
+    "ident_outcome", "ident_user", "ident_opsys", "ident_error", "ident_duration",
+    "time_to_grant", "bytes_up", "bytes_down", "duration", "cut_off", "dropped",
+    "next_hop_reply",
+)
+
+
+def access_fields(event: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The access record's fields carried by `event`, or None if it has none.
+
+    In the process that built it, the record rides along as
+    ``access_record``; an event a worker sent its parent (as JSON) has only
+    the fields, which `emit` put in every access event.
+    """
+    record = event.get("access_record")
+    if isinstance(record, AccessRecord):
+        return record.fields()
+    if event.get("log_namespace") != ACCESS_NAMESPACE or not all(k in event for k in FIELDS):
+        return None
+    return {name: event[name] for name in FIELDS}
 
 
 def emit(record: AccessRecord) -> None:

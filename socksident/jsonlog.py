@@ -28,7 +28,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from socksident._types import global_reactor
-from socksident.accesslog import AccessRecord
+from socksident.accesslog import AccessRecord, access_fields
 
 __all__ = ["JSON_LOG_ENV", "AccessLogFile", "ReopenOnSignal", "observer"]
 
@@ -69,15 +69,20 @@ class AccessLogFile:
         self._fd = -1
 
     def write(self, record: AccessRecord) -> None:
-        line = (json.dumps(record.fields(), ensure_ascii=False) + "\n").encode()
+        self.write_fields(record.fields())
+
+    def write_fields(self, fields: dict[str, Any]) -> None:
+        line = (json.dumps(fields, ensure_ascii=False) + "\n").encode()
         view = memoryview(line)
         while view:  # one write(2) for a regular file; a pipe may take less
             view = view[os.write(self._fd, view):]
 
     def __call__(self, event: LogEvent) -> None:
-        record = event.get("access_record")
-        if isinstance(record, AccessRecord) and self._fd >= 0:
-            self.write(record)
+        # Under --workers this is the parent: the records arrive as a
+        # worker's events, fields without the record value.
+        fields = access_fields(event)
+        if fields is not None and self._fd >= 0:
+            self.write_fields(fields)
 
 
 class ReopenOnSignal(service.Service):

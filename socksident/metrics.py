@@ -3,10 +3,17 @@
 `Metrics` is an access-log observer: each finished request's `fields()`
 (the one schema) becomes counter and histogram updates; the factory's
 `LiveCounts` watchers move the two gauges.  `MetricsResource` serves the
-text format over twisted.web without threads.  With
-``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client keeps the values in
-files of that directory and every process's endpoint reports the sum of
-all processes (the gauges as ``livesum``: processes that exited drop out).
+text format over twisted.web without threads.
+
+Under ``--workers N`` the parent alone serves the endpoint
+(`AggregatedMetricsService`): it makes a private directory, hands it to the
+workers as ``PROMETHEUS_MULTIPROC_DIR`` in their environment (set before
+they import prometheus_client, which picks its value store at import), and
+serves the sum of every worker's files.  Each worker counts its own
+requests into its files (`MetricsService` without an endpoint).  Counters
+of a worker that died stay in the sum; its gauges (``livesum``) are
+dropped when the parent marks it dead; the directory goes when the parent
+stops.
 
 Needs the optional extra: ``pip install socksident[metrics]``.
 """
@@ -14,7 +21,9 @@ Needs the optional extra: ``pip install socksident[metrics]``.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import shutil
+import tempfile
+from typing import Any, MutableMapping, Optional
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,7 +34,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application import internet, service
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.resource import Resource
@@ -35,7 +44,14 @@ from zope.interface import implementer
 from socksident.accesslog import AccessRecord
 from socksident.livecounts import LiveCounts
 
-__all__ = ["MULTIPROC_ENV", "Metrics", "MetricsResource", "MetricsService", "multiprocess"]
+__all__ = [
+    "MULTIPROC_ENV",
+    "AggregatedMetricsService",
+    "Metrics",
+    "MetricsResource",
+    "MetricsService",
+    "multiprocess",
+]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -141,19 +157,25 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
+def _serve(registry: CollectorRegistry, endpoint: Any, parent: service.MultiService) -> None:
+    """`registry` on `endpoint`; a listening failure stops start-up (as a `--port` does)."""
+    site = Site(MetricsResource(registry))
+    site.noisy = False
+    listener = internet.StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
+
+
 class MetricsService(service.MultiService):
     """While running: `metrics` observes the access events and `endpoint`
-    serves them.  A listening failure stops start-up (as a `--port` does)."""
+    serves them.  A worker passes no endpoint: its parent serves the sum."""
 
     def __init__(self, metrics: Metrics, endpoint: Any, live: LiveCounts) -> None:
         super().__init__()
         self.metrics = metrics
         metrics.watch(live)
-        site = Site(MetricsResource(metrics.registry))
-        site.noisy = False
-        listener = internet.StreamServerEndpointService(endpoint, site)
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+        if endpoint is not None:
+            _serve(metrics.registry, endpoint, self)
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.metrics)
@@ -162,3 +184,44 @@ class MetricsService(service.MultiService):
     def stopService(self) -> Any:
         globalLogPublisher.removeObserver(self.metrics)
         return super().stopService()
+
+
+class AggregatedMetricsService(service.MultiService):
+    """The parent of ``--workers N``: serves the sum of the workers' metrics.
+
+    On start it makes a private directory (mode 0700, after twistd has
+    dropped privileges, so the workers can write there) and puts it into
+    `environ`, the environment the workers are started with; it must start
+    before the pool.  `worker_exited` drops a dead worker's gauges.  On stop
+    (after the workers have stopped) it removes the directory.
+    """
+
+    def __init__(self, endpoint: Any, environ: MutableMapping[str, str]) -> None:
+        super().__init__()
+        self.environ = environ
+        self.directory: Optional[str] = None
+        self.registry = CollectorRegistry()
+        self._collector: Optional[MultiProcessCollector] = None
+        _serve(self.registry, endpoint, self)
+
+    def startService(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="socksident-metrics-")
+        self.environ[MULTIPROC_ENV] = self.directory
+        self._collector = MultiProcessCollector(self.registry, path=self.directory)
+        super().startService()
+
+    def worker_exited(self, pid: int) -> None:
+        """A worker is gone: its live gauges leave the sum, its counts stay."""
+        if self.directory is not None:
+            mark_process_dead(pid, self.directory)
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.environ.pop(MULTIPROC_ENV, None)
+            self.directory = None
+        return stopped

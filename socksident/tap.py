@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, cast
 
 from twisted.internet.protocol import Factory
 from twisted.application import internet, service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
@@ -214,8 +215,11 @@ class Options(usage.Options):
          "(needs pip install socksident[metrics])."],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, worker: bool = False) -> None:
         super().__init__()
+        #: One of the processes of --workers N: the parent writes the
+        #: access log and serves the metrics, not this process.
+        self.worker = worker
         self["ports"] = []
         self["ident"] = IdentMode.OFF
         self["source-addresses"] = list(_DEFAULTS.source_addresses)
@@ -283,7 +287,7 @@ class Options(usage.Options):
             source_addresses=tuple(self["source-addresses"]),
             metrics=self["metrics"],
         )
-        self["access-log-file"] = _access_log(self["access-log"])
+        self["access-log-file"] = None if self.worker else _access_log(self["access-log"])
         if any(self["proxied"]) and self["settings"].bind_address is None:
             raise usage.UsageError(
                 "--port haproxy:... needs --bind-address: behind a balancer the address a"
@@ -369,6 +373,52 @@ class _Announce(service.Service):
         log.info("socksident SOCKS4/4A server listening on {ports}", ports=", ".join(self.ports))
 
 
+class _StopInOrder(service.MultiService):
+    """Stops its services last to first, each once the later ones have stopped.
+
+    The parent of --workers N closes the access log and removes the metrics
+    directory only after every worker has exited, so the records of
+    connections that finish during the workers' shutdown are still written.
+    """
+
+    def stopService(self) -> "Deferred[Any]":
+        service.Service.stopService(self)
+        stopped: Deferred[Any] = succeed(None)
+        for child in reversed(list(self)):
+            stopped.addCallback(_then_stop, child)
+        return stopped
+
+
+def _then_stop(_: object, child: service.IService) -> Any:
+    return child.stopService()
+
+
+def _parent_service(options: Options) -> service.MultiService:
+    """--workers N: the pool, and the one access-log writer and metrics endpoint.
+
+    Started in order (the metrics directory exists before a worker starts),
+    stopped in reverse, each after the one before it has finished.
+    """
+    top = _StopInOrder()
+    pool = WorkerPool(
+        options["workers"],
+        options["argv"],
+        options["ports"],
+        options["endpoints"],
+        reload_on_hangup=hasattr(options["policy"], "reload"),
+    )
+    if options.get("metrics-endpoint") is not None:
+        from socksident.metrics import AggregatedMetricsService
+
+        metrics = AggregatedMetricsService(options["metrics-endpoint"], pool.environ)
+        pool.exited.append(metrics.worker_exited)
+        metrics.setServiceParent(top)
+    if options.get("access-log-file") is not None:
+        ReopenOnSignal(options["access-log-file"]).setServiceParent(top)
+    pool.setServiceParent(top)
+    return top
+
+
 class ListenError(Exception):
     """A `--port` that cannot listen; the message leads with the port, since
     a daemonizing twistd passes on only its first 100 bytes."""
@@ -403,16 +453,9 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
 
     A worker passes its `listener`, which adopts the parent's sockets.
     """
-    top = service.MultiService()
     if options["workers"] > 1 and listener is None:
-        WorkerPool(
-            options["workers"],
-            options["argv"],
-            options["ports"],
-            options["endpoints"],
-            reload_on_hangup=hasattr(options["policy"], "reload"),
-        ).setServiceParent(top)
-        return top
+        return _parent_service(options)
+    top = service.MultiService()
     factory = SOCKS4ServerFactory(
         options["policy"], options["settings"], next_hop=options.get("next_hop")
     )
@@ -425,7 +468,9 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
     if options.get("metrics-endpoint") is not None:
         from socksident.metrics import Metrics, MetricsService
 
-        MetricsService(Metrics(), options["metrics-endpoint"], factory.live).setServiceParent(top)
+        # A worker counts into the files its parent sums and serves.
+        endpoint = None if getattr(options, "worker", False) else options["metrics-endpoint"]
+        MetricsService(Metrics(), endpoint, factory.live).setServiceParent(top)
     if options.get("access-log-file") is not None:
         ReopenOnSignal(options["access-log-file"]).setServiceParent(top)
     if hasattr(options["policy"], "reload"):

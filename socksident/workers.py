@@ -15,7 +15,10 @@ connections.  The rule-command cap is divided among the workers.
 The parent is the one log writer: a worker publishes every log event to it
 as a JSON line on descriptor 3, and the parent re-publishes it (tagged
 ``worker k`` in the text log, ``worker`` in the event) to its own
-observers: twistd's log file and whatever else observes there.  It restarts
+observers: twistd's log file, the ``--access-log`` file (which only the
+parent opens, so SIGUSR1 reopens it there and no worker keeps writing to a
+rotated file) and whatever else observes there.  ``--metrics`` is served by
+the parent too, summed over the workers (`socksident.metrics`).  It restarts
 a worker that dies (with a backoff when it keeps dying), forwards SIGHUP
 (the rules reload in every worker) and on shutdown stops the workers with
 SIGTERM and waits for each.  A worker whose parent vanishes is sent SIGTERM
@@ -32,7 +35,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -197,6 +200,10 @@ class WorkerPool(service.Service):
         self._restarts: dict[int, Any] = {}
         self._stopping = False
         self._previous_hangup: Any = None
+        #: Added to the workers' environment (read at each start).
+        self.environ: dict[str, str] = {}
+        #: Called with the pid of each worker that has exited.
+        self.exited: list[Callable[[int], None]] = []
 
     @property
     def reactor(self) -> Any:
@@ -260,7 +267,7 @@ class WorkerPool(service.Service):
             protocol,
             sys.executable,
             self.command(index),
-            env=dict(os.environ),
+            env={**os.environ, **self.environ},
             childFDs=child_fds,
         )
         self.workers[index] = protocol
@@ -280,6 +287,9 @@ class WorkerPool(service.Service):
         if self.workers.get(index) is protocol:
             del self.workers[index]
         how = _exit_description(reason)
+        if protocol.pid is not None:
+            for exited in self.exited:
+                exited(protocol.pid)
         if self._stopping:
             log.info("worker {worker} (pid {pid}) stopped: {how}", worker=index,
                      pid=protocol.pid, how=how)
@@ -462,7 +472,7 @@ def worker_main(argv: Sequence[str]) -> int:
     globalLogBeginner.beginLoggingTo([_EventsToParent(stream)], redirectStandardIO=False)
     from socksident import tap
 
-    options = tap.Options()
+    options = tap.Options(worker=True)
     try:
         options.parseOptions(arguments.socks4)
     except usage.UsageError as error:
@@ -483,6 +493,9 @@ def worker_main(argv: Sequence[str]) -> int:
     # own handler back (on its way out) must not turn a clean exit into a kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stopping_anyway)
+    # SIGUSR1 reopens the access log, which only the parent writes; sent to
+    # the whole process group it must not kill a worker (the default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     reactor.run()
     return 0
 

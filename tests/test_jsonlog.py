@@ -101,3 +101,36 @@ def test_an_access_log_that_cannot_be_opened_is_a_usage_error(tmp_path: Path) ->
     options = Options()
     with pytest.raises(usage.UsageError, match="--access-log .*/no/such/dir/a.json: No such"):
         options.parseOptions(["--access-log", str(tmp_path / "no/such/dir/a.json")])
+
+
+def test_a_workers_access_event_is_written_as_the_same_line(tmp_path: Path) -> None:
+    """Under --workers the parent gets the event as JSON: fields, no record."""
+    from twisted.logger import eventAsJSON, eventFromJSON
+
+    from socksident.accesslog import access_fields
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        emit(record(reason="caf\u00e9", time_to_grant=0.25))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    (event,) = seen
+    forwarded = eventFromJSON(eventAsJSON(
+        {key: value for key, value in event.items() if key != "access_record"}))
+    assert "access_record" not in forwarded
+    assert access_fields(forwarded) == record(reason="caf\u00e9", time_to_grant=0.25).fields()
+    assert access_fields({"log_namespace": "socksident.access"}) is None
+    assert access_fields({"log_namespace": "other", **record().fields()}) is None
+    path = tmp_path / "access.json"
+    log = AccessLogFile(str(path))
+    log(forwarded)
+    log.close()
+    assert path.read_text() == json.dumps(record(reason="caf\u00e9", time_to_grant=0.25)
+                                          .fields(), ensure_ascii=False) + "\n"
+
+
+def test_fields_names_the_schema_in_order() -> None:
+    from socksident.accesslog import FIELDS
+
+    assert tuple(record().fields()) == FIELDS

@@ -99,3 +99,52 @@ def test_a_metrics_endpoint_that_does_not_parse_is_a_usage_error() -> None:
 
     with pytest.raises(usage.UsageError, match="--metrics 'bogus:1'"):
         Options().parseOptions(["--metrics", "bogus:1"])
+
+
+_WORKER = """
+import sys
+sys.path[:0] = sys.argv[1:]
+from test_accesslog import record
+from socksident.metrics import Metrics
+from socksident.server import LiveCounts
+from socksident.socks4 import ReplyCode
+metrics = Metrics()
+live = LiveCounts()
+metrics.watch(live)
+live.change("connections", 2)
+metrics.record(record())
+metrics.record(record(replies=(ReplyCode.REJECTED,), bytes_up=0, bytes_down=0))
+print(__import__("os").getpid())
+"""
+
+
+def test_the_parent_serves_the_sum_of_the_workers_and_drops_dead_ones_gauges() -> None:
+    """Two worker processes count into the directory the parent made."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from socksident.metrics import MULTIPROC_ENV, AggregatedMetricsService
+
+    environ: dict[str, str] = {}
+    parent = AggregatedMetricsService(None, environ)  # type: ignore[arg-type]
+    for child in list(parent):
+        child.disownServiceParent()  # no listener: read the registry directly
+    parent.startService()
+    directory = environ[MULTIPROC_ENV]
+    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
+    here = str(Path(__file__).parent)
+    source = str(Path(__file__).parent.parent)
+    pids = [int(subprocess.run(
+        [sys.executable, "-c", _WORKER, here, source], env={**os.environ, **environ},
+        check=True, capture_output=True, text=True).stdout) for _ in range(2)]
+    sample = parent.registry.get_sample_value
+    assert sample("socksident_requests_total", {"command": "CONNECT", "code": "90"}) == 2
+    assert sample("socksident_requests_total", {"command": "CONNECT", "code": "91"}) == 2
+    assert sample("socksident_relayed_bytes_total", {"direction": "down"}) == 4000
+    assert sample("socksident_open_connections", {}) == 4
+    parent.worker_exited(pids[0])
+    assert sample("socksident_open_connections", {}) == 2
+    assert sample("socksident_requests_total", {"command": "CONNECT", "code": "90"}) == 2
+    parent.stopService()
+    assert not os.path.exists(directory) and MULTIPROC_ENV not in environ

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
@@ -65,7 +66,7 @@ class ProcessReactor(task.Clock):
                      childFDs: Any = None) -> FakeProcess:
         process = FakeProcess(protocol, 1000 + len(self.spawned))
         self.spawned.append(dict(protocol=protocol, executable=executable, args=args,
-                                 childFDs=childFDs, process=process))
+                                 childFDs=childFDs, process=process, env=env))
         protocol.makeConnection(process)
         return process
 
@@ -290,3 +291,81 @@ def test_a_workers_traceback_reaches_the_parent_with_the_exception_text():
     text = formatEventAsClassicLogText(eventFromJSON(stream.getvalue()))
     assert "ZeroDivisionError: division by zero" in text and "Traceback" in text
     assert isinstance(failure.value, ZeroDivisionError)  # the worker's own copy is untouched
+
+
+# -- the access log and metrics under --workers ------------------------------------------
+
+
+def test_workers_get_the_pools_extra_environment_at_each_start(pool):
+    assert "SOCKSIDENT_TEST" not in pool.reactor.spawned[0]["env"]
+    pool.environ["SOCKSIDENT_TEST"] = "x"
+    processes(pool)[0].end(killed(9))
+    pool.reactor.advance(60)
+    assert pool.reactor.spawned[2]["env"]["SOCKSIDENT_TEST"] == "x"
+    assert pool.reactor.spawned[2]["env"]["PATH"] == os.environ["PATH"]
+
+
+def test_the_pool_reports_the_pid_of_each_worker_that_exits(pool):
+    gone: list[int] = []
+    pool.exited.append(gone.append)
+    processes(pool)[1].end(killed(9))
+    pool.stopService()
+    processes(pool)[0].end(Failure(ProcessDone(0)))
+    assert gone == [1001, 1000]
+
+
+def test_the_parent_writes_the_access_log_and_serves_the_metrics(tmp_path):
+    from socksident.jsonlog import ReopenOnSignal
+    from socksident.metrics import AggregatedMetricsService
+
+    options = tap.Options()
+    options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
+                          "--access-log", str(tmp_path / "access.json"),
+                          "--metrics", "tcp:0:interface=127.0.0.1"])
+    metrics, access, pool = list(tap.makeService(options))  # started in this order
+    assert isinstance(metrics, AggregatedMetricsService) and metrics.environ is pool.environ
+    assert pool.exited == [metrics.worker_exited]
+    assert isinstance(access, ReopenOnSignal) and isinstance(pool, WorkerPool)
+    access.log.close()
+
+
+def test_a_worker_opens_no_access_log_and_listens_for_no_metrics(tmp_path):
+    from socksident.jsonlog import ReopenOnSignal
+    from socksident.metrics import MetricsService
+
+    options = tap.Options(worker=True)
+    options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
+                          "--access-log", str(tmp_path / "access.json"),
+                          "--metrics", "tcp:0:interface=127.0.0.1"])
+    assert options["access-log-file"] is None and not (tmp_path / "access.json").exists()
+    top = tap.makeService(options, listener=lambda d, e, f: workers.AdoptedListener(d, -1, f))
+    assert not any(isinstance(s, ReopenOnSignal) for s in top)
+    (metrics,) = [s for s in top if isinstance(s, MetricsService)]
+    assert list(metrics) == []  # no listener: the parent serves the sum
+
+
+class Stopping(tap.service.Service):
+    def __init__(self, name: str, order: list[str]) -> None:
+        self.name, self.order = name, order
+        self.stopped = Deferred()
+
+    def stopService(self):
+        super().stopService()
+        self.order.append(self.name)
+        return self.stopped
+
+
+def test_the_parent_stops_each_service_once_the_later_ones_have_stopped():
+    order: list[str] = []
+    top = tap._StopInOrder()
+    log, pool = Stopping("log", order), Stopping("pool", order)
+    log.setServiceParent(top)
+    pool.setServiceParent(top)
+    top.startService()
+    finished: list[object] = []
+    top.stopService().addBoth(finished.append)
+    assert order == ["pool"]  # the log stays open while the workers drain
+    pool.stopped.callback(None)
+    assert order == ["pool", "log"] and finished == []
+    log.stopped.callback(None)
+    assert finished == [None]
