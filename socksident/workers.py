@@ -3,7 +3,7 @@
 The process twistd runs (the parent) serves nothing itself.  It binds each
 `--port` as a `reuseport.ListeningGroup` of N sockets, so each client host
 always reaches the same worker, and starts worker k as
-``python -m socksident.workers`` with the same socks4 options and socket k of
+``python -m socksident.worker`` (`socksident.worker`) with the same socks4 options and socket k of
 every group as inherited descriptors.  A worker builds the ordinary service
 (`tap.makeService`) with listeners that adopt those sockets, and runs its own
 reactor, without twistd.
@@ -27,10 +27,6 @@ by the kernel (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import argparse
-import copy
-import ctypes
-import importlib
 import os
 import signal
 import socket
@@ -41,44 +37,29 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import (
-    ILogObserver,
-    Logger,
-    eventAsJSON,
-    eventFromJSON,
-    globalLogBeginner,
-    globalLogPublisher,
-)
-from twisted.python import reflect, usage
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python import usage
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from socksident._types import global_reactor
 from socksident.reuseport import ListeningGroup, open_group
+from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD
 
 __all__ = [
-    "EVENTS_FD",
-    "FIRST_LISTEN_FD",
     "MAX_RESTART_DELAY",
     "RESTART_DELAY",
     "STABLE_AFTER",
     "STOP_TIMEOUT",
-    "AdoptedListener",
     "WorkerPool",
     "check_endpoints",
     "parse_workers",
     "restart_delay",
-    "worker_main",
 ]
 
 log = Logger()
 
-#: The worker's descriptor for its log events (JSON lines to the parent).
-EVENTS_FD = 3
-#: Worker descriptors from here on are its listening sockets, one per --port.
-FIRST_LISTEN_FD = 4
 #: Seconds before the first restart of a worker that died; doubles for each
 #: further death of a worker that ran less than STABLE_AFTER seconds.
 RESTART_DELAY = 0.5
@@ -86,8 +67,6 @@ MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 10.0
 #: Seconds the parent waits for a worker after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 60.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 def parse_workers(value: str) -> int:
@@ -251,7 +230,7 @@ class WorkerPool(service.Service):
         module = type(self.reactor).__module__
         fds = ",".join(str(FIRST_LISTEN_FD + n) for n in range(len(self.groups)))
         return [
-            sys.executable, "-m", "socksident.workers",
+            sys.executable, "-m", "socksident.worker",
             "--index", str(index), "--reactor", module, "--listen-fds", fds,
             "--parent", str(os.getpid()), "--", *self.argv,
         ]  # fmt: skip
@@ -380,127 +359,3 @@ def _exit_description(reason: Failure) -> str:
         except ValueError:
             return f"killed by signal {number}"
     return f"exited with status {code}"
-
-
-# -- a worker ---------------------------------------------------------------------------
-
-
-class AdoptedListener(service.Service):
-    """Serves a listening socket the parent opened (`IReactorSocket.adoptStreamPort`)."""
-
-    def __init__(self, description: str, fd: int, factory: Factory, reactor: Any = None) -> None:
-        self.description = description
-        self.fd = fd
-        self.factory = factory
-        self._reactor = reactor
-        self.port: Optional[IListeningPort] = None
-
-    def startService(self) -> None:
-        super().startService()
-        reactor = self._reactor if self._reactor is not None else global_reactor()
-        probe = socket.socket(fileno=os.dup(self.fd))  # learns the socket's family
-        try:
-            family = probe.family
-        finally:
-            probe.close()
-        self.port = reactor.adoptStreamPort(self.fd, family, self.factory)
-        os.close(self.fd)  # the port holds its own duplicate
-
-    def stopService(self) -> "Deferred[Any]":
-        super().stopService()
-        if self.port is None:
-            return succeed(None)
-        port, self.port = self.port, None
-        return cast("Deferred[Any]", port.stopListening())
-
-
-@implementer(ILogObserver)
-class _EventsToParent:
-    """Writes each event as one JSON line to the parent (the one log writer)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        event = dict(event)
-        event.pop("access_record", None)  # the value lives in its fields
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            # An exception does not survive JSON; its text does.
-            failure = copy.copy(failure)
-            failure.value = reflect.safe_str(failure.value)  # type: ignore[assignment]
-            event["log_failure"] = failure
-        self.stream.write(eventAsJSON(event) + "\n")
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM from the kernel when the parent exits, however it exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # it exited before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _stopping_anyway(signum: int, frame: Any) -> None:
-    """SIGTERM once the reactor has stopped: the worker is exiting already."""
-
-
-def _arguments(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m socksident.workers",
-        description="One worker of `twistd socks4 --workers N`; started by that parent.",
-    )
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--reactor", required=True, help="module whose install() to call")
-    parser.add_argument("--listen-fds", required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("socks4", nargs=argparse.REMAINDER)
-    arguments = parser.parse_args(argv)
-    if arguments.socks4[:1] == ["--"]:
-        arguments.socks4 = arguments.socks4[1:]
-    return arguments
-
-
-def worker_main(argv: Sequence[str]) -> int:
-    """Run one worker until SIGTERM: the parent's options, adopted sockets, own reactor."""
-    arguments = _arguments(argv)
-    _die_with_parent(arguments.parent)
-    importlib.import_module(arguments.reactor).install()
-    from twisted.internet import reactor
-
-    stream = os.fdopen(EVENTS_FD, "w", buffering=1, encoding="utf-8")
-    globalLogBeginner.beginLoggingTo([_EventsToParent(stream)], redirectStandardIO=False)
-    from socksident import tap
-
-    options = tap.Options(worker=True)
-    try:
-        options.parseOptions(arguments.socks4)
-    except usage.UsageError as error:
-        log.error("worker {worker}: {error}", worker=arguments.index, error=str(error))
-        return 2
-    fds = [int(fd) for fd in arguments.listen_fds.split(",") if fd]
-    adopted = iter(fds)
-
-    def listener(description: str, endpoint: Any, factory: Factory) -> service.IService:
-        return AdoptedListener(description, next(adopted), factory)
-
-    top = tap.makeService(options, listener=listener)
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    log.info("worker {worker} (pid {pid}) serving", worker=arguments.index, pid=os.getpid())
-    # The parent stops workers with SIGTERM: a terminal's SIGINT to the whole
-    # group waits for it, and a second SIGTERM after the reactor has put its
-    # own handler back (on its way out) must not turn a clean exit into a kill.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _stopping_anyway)
-    # SIGUSR1 reopens the access log, which only the parent writes; sent to
-    # the whole process group it must not kill a worker (the default action).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    reactor.run()
-    return 0
-
-
-if __name__ == "__main__":
-    from socksident import workers  # the importable module, not this __main__ copy
-
-    sys.exit(workers.worker_main(sys.argv[1:]))

@@ -25,17 +25,10 @@ from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from socksident import tap, workers
+from socksident import tap, worker, workers
 from socksident.reuseport import ListeningGroup
-from socksident.workers import (
-    EVENTS_FD,
-    FIRST_LISTEN_FD,
-    STOP_TIMEOUT,
-    AdoptedListener,
-    WorkerPool,
-    parse_workers,
-    restart_delay,
-)
+from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD, AdoptedListener
+from socksident.workers import STOP_TIMEOUT, WorkerPool, parse_workers, restart_delay
 
 
 class FakeProcess:
@@ -163,7 +156,7 @@ def test_each_worker_runs_this_python_with_its_sockets_and_the_same_options(pool
     for index, spawn in enumerate(pool.reactor.spawned):
         assert spawn["executable"] == sys.executable
         args = spawn["args"]
-        assert args[:3] == [sys.executable, "-m", "socksident.workers"]
+        assert args[:3] == [sys.executable, "-m", "socksident.worker"]
         assert args[args.index("--index") + 1] == str(index)
         assert args[args.index("--reactor") + 1] == ProcessReactor.__module__
         assert args[args.index("--listen-fds") + 1] == str(FIRST_LISTEN_FD)
@@ -256,7 +249,7 @@ def test_a_workers_events_are_published_here_saying_which_worker(pool, events):
 
 def test_a_worker_sends_each_event_as_one_json_line_without_the_record_value():
     stream = io.StringIO()
-    observer = workers._EventsToParent(stream)
+    observer = worker._EventsToParent(stream)
     observer({"log_format": "{summary}", "summary": "a\nb", "access_record": object(),
               "log_level": LogLevel.info})
     text = stream.getvalue()
@@ -286,7 +279,7 @@ def test_a_workers_traceback_reaches_the_parent_with_the_exception_text():
     except ZeroDivisionError:
         failure = Failure()
     stream = io.StringIO()
-    workers._EventsToParent(stream)({"log_format": "oops", "log_failure": failure,
+    worker._EventsToParent(stream)({"log_format": "oops", "log_failure": failure,
                                      "log_level": LogLevel.critical, "log_time": 1.0})
     text = formatEventAsClassicLogText(eventFromJSON(stream.getvalue()))
     assert "ZeroDivisionError: division by zero" in text and "Traceback" in text
@@ -338,7 +331,7 @@ def test_a_worker_opens_no_access_log_and_listens_for_no_metrics(tmp_path):
                           "--access-log", str(tmp_path / "access.json"),
                           "--metrics", "tcp:0:interface=127.0.0.1"])
     assert options["access-log-file"] is None and not (tmp_path / "access.json").exists()
-    top = tap.makeService(options, listener=lambda d, e, f: workers.AdoptedListener(d, -1, f))
+    top = tap.makeService(options, listener=lambda d, e, f: worker.AdoptedListener(d, -1, f))
     assert not any(isinstance(s, ReopenOnSignal) for s in top)
     (metrics,) = [s for s in top if isinstance(s, MetricsService)]
     assert list(metrics) == []  # no listener: the parent serves the sum
