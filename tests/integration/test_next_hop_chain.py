@@ -1,0 +1,330 @@
+"""Chains of real proxies on loopback sockets, where only the last can resolve a name.
+
+Each proxy gets its own injected resolver (a name table), so "does not
+resolve here" is decided per proxy in one process; the hops speak real
+SOCKS4A over real sockets, plain TCP or TLS with certificates made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IHostnameResolver, IListeningPort
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socksident.accesslog import AccessRecord
+from socksident.nexthop import NextHop
+from socksident.server import SOCKS4ServerFactory
+from socksident.socks4 import RequestRejectedOrFailed
+from tests.integration.conftest import LOOPBACK, SpeakThenHalfClose, bounded
+
+# Twisted's ssl: endpoint hands pyOpenSSL objects to pyOpenSSL; not ours to fix.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Passing pyOpenSSL (X509|PKey) objects is deprecated:DeprecationWarning"
+)
+
+ONLY_AT_THE_END = "only-at-the-end.test"
+
+
+def by_listener(events: list[Any]) -> dict[int, AccessRecord]:
+    """The access records of a test, keyed by the port of the proxy that wrote each."""
+    return {
+        event["access_record"].connection.server_port: event["access_record"] for event in events
+    }
+
+
+@implementer(IHostnameResolver)
+class NameTable:
+    """Resolves the names it holds, and no others (as this proxy's DNS would)."""
+
+    def __init__(self, names: Optional[dict[str, str]] = None) -> None:
+        self.names = names or {}
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, **kw: Any) -> Any:
+        self.asked.append(hostName)
+        receiver.resolutionBegan(None)
+        if hostName in self.names:
+            receiver.addressResolved(IPv4Address("TCP", self.names[hostName], portNumber))
+        receiver.resolutionComplete()
+        return None
+
+
+# -- certificates: a CA and a server certificate for 127.0.0.1 it signed -----------
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _pem(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def make_ca(directory: Path, common: str) -> tuple[Any, x509.Certificate]:
+    """A CA (key, certificate); its PEM is the only file in `directory` (a trustRoots dir)."""
+    directory.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _pem(directory / "ca.pem", certificate.public_bytes(serialization.Encoding.PEM))
+    return key, certificate
+
+
+def make_server_certificate(
+    directory: Path, ca: tuple[Any, x509.Certificate], ip: str
+) -> tuple[Path, Path]:
+    """A certificate for `ip` signed by `ca`; (key path, certificate path)."""
+    ca_key, ca_certificate = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name("next hop"))
+        .issuer_name(ca_certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_path = _pem(
+        directory / "hop-key.pem",
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    cert_path = _pem(directory / "hop-cert.pem", certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+# -- proxies -----------------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def listening():
+    ports: list[IListeningPort] = []
+
+    async def listen(description: str, factory: SOCKS4ServerFactory) -> int:
+        factory.noisy = False
+        port = await bounded(serverFromString(reactor, description).listen(factory), 5)
+        ports.append(port)
+        return int(port.getHost().port)
+
+    yield listen
+    for port in ports:
+        await port.stopListening()
+
+
+def proxy(resolver: NameTable, hop: Optional[str] = None) -> SOCKS4ServerFactory:
+    """A proxy with its own name table and, given an endpoint string, a next hop."""
+    next_hop = NextHop(clientFromString(reactor, hop), hop) if hop is not None else None
+    return SOCKS4ServerFactory(resolver=resolver, next_hop=next_hop)
+
+
+async def round_trip(first_port: int, destination_port: int, user: str = "alice") -> bytes:
+    """hello through the first proxy to ONLY_AT_THE_END, half-closed, read to EOF."""
+    done: Deferred[tuple[bool, bytes]] = Deferred()
+    endpoint = clientFromString(
+        reactor,
+        rf"socks4:{ONLY_AT_THE_END}:{destination_port}:proxy=tcp\:{LOOPBACK}\:{first_port}"
+        f":user={user}",
+    )
+    await bounded(endpoint.connect(Factory.forProtocol(lambda: SpeakThenHalfClose(b"hello", done))))
+    eof, received = await bounded(done)
+    assert eof
+    return received
+
+
+class AskAndWait(Protocol):
+    """Sends a greeting, waits for its echo, then closes (no half-close: over TLS,
+    Twisted turns a close_notify into a full close; see the README)."""
+
+    def __init__(self, greeting: bytes, done: Deferred[bytes]) -> None:
+        self.greeting, self.done, self.received = greeting, done, b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= len(self.greeting):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+async def echoed_over_tls(first_port: int, destination_port: int) -> bytes:
+    done: Deferred[bytes] = Deferred()
+    endpoint = clientFromString(
+        reactor,
+        rf"socks4:{ONLY_AT_THE_END}:{destination_port}:proxy=tcp\:{LOOPBACK}\:{first_port}",
+    )
+    await bounded(endpoint.connect(Factory.forProtocol(lambda: AskAndWait(b"hello", done))))
+    return await bounded(done)
+
+
+def tls_server(key: Path, cert: Path) -> str:
+    return "ssl:0:interface={}:privateKey={}:certKey={}".format(
+        quoteStringArgument(LOOPBACK), quoteStringArgument(str(key)), quoteStringArgument(str(cert))
+    )
+
+
+def tls_hop(host: str, port: int, roots: Path) -> str:
+    return f"tls:host={host}:port={port}:trustRoots={quoteStringArgument(str(roots))}"
+
+
+# -- the tests ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_proxies_where_only_the_last_resolves(
+    listening, echo_server, access_events
+):
+    last_names = NameTable({ONLY_AT_THE_END: LOOPBACK})
+    middle_names, first_names = NameTable(), NameTable()
+    c = await listening(f"tcp:0:interface={LOOPBACK}", proxy(last_names))
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(middle_names, f"tcp:{LOOPBACK}:{c}"))
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(first_names, f"tcp:{LOOPBACK}:{b}"))
+
+    assert await round_trip(a, echo_server.port, user="carol") == b"hello"
+    assert echo_server.connections[0].received == b"hello"
+    # each proxy tried the name itself; the name travelled on unresolved
+    assert first_names.asked == middle_names.asked == last_names.asked == [ONLY_AT_THE_END]
+    await echo_server.wait_all_closed()
+    records = by_listener(access_events)
+    assert set(records) == {a, b, c}
+    assert records[a].next_hop == f"tcp:{LOOPBACK}:{b}" and records[a].next_hop_reply == "90"
+    assert records[b].next_hop == f"tcp:{LOOPBACK}:{c}" and records[b].next_hop_reply == "90"
+    assert records[c].next_hop is None and records[c].address == LOOPBACK
+    # every hop saw the USERID, and its own client (the previous hop) as the client
+    assert {record.request.user_id for record in records.values()} == {"carol"}
+    assert all(record.connection.client_host == LOOPBACK for record in records.values())
+    assert all(record.bytes_up == 5 and record.bytes_down == 5 for record in records.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_deeper_in_the_chain_is_91_to_our_client(listening, access_events):
+    # the last proxy resolves the name, but nothing listens on port 1 there
+    c = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})))
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), f"tcp:{LOOPBACK}:{c}"))
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), f"tcp:{LOOPBACK}:{b}"))
+    with pytest.raises(RequestRejectedOrFailed) as info:
+        await round_trip(a, 1)
+    assert info.value.code == 91
+    records = by_listener(access_events)
+    assert records[c].replies == (91,) and records[c].next_hop is None
+    assert records[b].next_hop_reply == "91" and records[a].next_hop_reply == "91"
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, Any]:
+    good_ca = make_ca(tmp_path / "good-ca", "socksident test CA")
+    make_ca(tmp_path / "other-ca", "another CA")
+    key, cert = make_server_certificate(tmp_path, good_ca, LOOPBACK)
+    return {
+        "key": key,
+        "cert": cert,
+        "good": tmp_path / "good-ca",
+        "other": tmp_path / "other-ca",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_hop_over_verified_tls(listening, echo_server, certificates, access_events):
+    b = await listening(
+        tls_server(certificates["key"], certificates["cert"]),
+        proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})),
+    )
+    hop = tls_hop(LOOPBACK, b, certificates["good"])
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), hop))
+
+    assert await echoed_over_tls(a, echo_server.port) == b"hello"
+    await echo_server.wait_all_closed()
+    first = by_listener(access_events)[a]
+    assert first.next_hop == hop and first.next_hop_reply == "90"
+    assert first.bytes_up == 5 and first.bytes_down == 5
+
+
+def hop_log_lines() -> tuple[list[str], Any]:
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "socksident.establish":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    return lines, observe
+
+
+@pytest.mark.parametrize(
+    "roots, host, why",
+    [
+        ("other", LOOPBACK, "certificate verify failed"),  # a CA we do not trust
+        ("good", "localhost", "localhost"),  # a name the certificate does not hold
+    ],
+    ids=["unknown-ca", "wrong-name"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_hop_that_fails_verification_is_91_with_one_log_line(
+    listening, echo_server, certificates, access_events, roots, host, why
+):
+    b = await listening(
+        tls_server(certificates["key"], certificates["cert"]),
+        proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})),
+    )
+    hop = tls_hop(host, b, certificates[roots])
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), hop))
+    lines, observer = hop_log_lines()
+    try:
+        with pytest.raises(RequestRejectedOrFailed) as info:
+            await echoed_over_tls(a, echo_server.port)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert info.value.code == 91
+    assert echo_server.connections == []  # nothing went past the hop
+    assert len(lines) == 1, lines
+    assert hop in lines[0] and why in lines[0], lines[0]
+    first = by_listener(access_events)[a]
+    assert first.replies == (91,) and first.next_hop == hop
+    assert first.next_hop_reply is not None and first.next_hop_reply != "90"
