@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import math
-import signal
 import socket
-from typing import Any, Callable, Optional, Sequence, cast
+from typing import Any, Optional, Sequence
 
-from twisted.internet.protocol import Factory
-from twisted.application import internet, service
-from twisted.internet.defer import Deferred, succeed
+from twisted.application import service
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -22,6 +16,15 @@ from socksident._types import global_reactor
 from socksident.jsonlog import AccessLogFile, ReopenOnSignal
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
+from socksident.services import (
+    Announce,
+    FreezeAfterStartUp,
+    ListenError,
+    Listener,
+    ListenerMaker,
+    ReloadOnHangup,
+    StopInOrder,
+)
 from socksident.settings import LISTEN_BACKLOG, ServerSettings
 from socksident.workers import WorkerPool, check_endpoints, parse_workers
 
@@ -332,74 +335,13 @@ def _expand_bare_ident(argv: list[str]) -> list[str]:
     return expanded
 
 
-class _ReloadOnHangup(service.Service):
-    """SIGHUP re-reads the rules; connections in progress keep their decision."""
-
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        reactor = cast(IReactorFromThreads, global_reactor())
-
-        def hangup(signum: int, frame: Any) -> None:
-            reactor.callFromThread(self.policy.reload)
-
-        self._previous = signal.signal(signal.SIGHUP, hangup)
-
-    def stopService(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-        super().stopService()
-
-
-class _FreezeAfterStartUp(service.Service):
-    """Move start-up's objects (modules, classes, the options) out of the
-    cyclic collector's sight once the reactor runs: every full collection
-    would otherwise walk them again, per request, for nothing."""
-
-    def startService(self) -> None:
-        super().startService()
-        global_reactor().callWhenRunning(gc.freeze)
-
-
-class _Announce(service.Service):
-    def __init__(self, ports: list[str]) -> None:
-        self.ports = ports
-
-    def startService(self) -> None:
-        super().startService()
-        log.info("socksident SOCKS4/4A server listening on {ports}", ports=", ".join(self.ports))
-
-
-class _StopInOrder(service.MultiService):
-    """Stops its services last to first, each once the later ones have stopped.
-
-    The parent of --workers N closes the access log and removes the metrics
-    directory only after every worker has exited, so the records of
-    connections that finish during the workers' shutdown are still written.
-    """
-
-    def stopService(self) -> "Deferred[Any]":
-        service.Service.stopService(self)
-        stopped: Deferred[Any] = succeed(None)
-        for child in reversed(list(self)):
-            stopped.addCallback(_then_stop, child)
-        return stopped
-
-
-def _then_stop(_: object, child: service.IService) -> Any:
-    return child.stopService()
-
-
 def _parent_service(options: Options) -> service.MultiService:
     """--workers N: the pool, and the one access-log writer and metrics endpoint.
 
     Started in order (the metrics directory exists before a worker starts),
     stopped in reverse, each after the one before it has finished.
     """
-    top = _StopInOrder()
+    top = StopInOrder()
     pool = WorkerPool(
         options["workers"],
         options["argv"],
@@ -419,35 +361,6 @@ def _parent_service(options: Options) -> service.MultiService:
     return top
 
 
-class ListenError(Exception):
-    """A `--port` that cannot listen; the message leads with the port, since
-    a daemonizing twistd passes on only its first 100 bytes."""
-
-
-class _Listener(internet.StreamServerEndpointService):
-    """A `--port` that stops start-up, naming itself, when it cannot listen.
-
-    Twisted's default is to log the failure and run on, serving nothing.  An
-    ordinary exception (not SystemExit) lets a daemonizing twistd report it
-    to the waiting parent and remove its pid file.
-    """
-
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-        self._raiseSynchronously = True  # as twisted.application.strports does
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as error:
-            raise ListenError(f"--port {self.description}: {error.socketError}") from None
-
-
-#: Builds the service that serves one --port: (description, endpoint, factory).
-ListenerMaker = Callable[[str, Any, Factory], service.IService]
-
-
 def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> service.MultiService:
     """The server; with --workers N > 1, the parent that runs N of them.
 
@@ -459,7 +372,7 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
     factory = SOCKS4ServerFactory(
         options["policy"], options["settings"], next_hop=options.get("next_hop")
     )
-    make_listener: ListenerMaker = listener if listener is not None else _Listener
+    make_listener: ListenerMaker = listener if listener is not None else Listener
     for description, endpoint, proxied in zip(
         options["ports"], options["endpoints"], options["proxied"]
     ):
@@ -474,7 +387,7 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
     if options.get("access-log-file") is not None:
         ReopenOnSignal(options["access-log-file"]).setServiceParent(top)
     if hasattr(options["policy"], "reload"):
-        _ReloadOnHangup(options["policy"]).setServiceParent(top)
-    _Announce(options["ports"]).setServiceParent(top)
-    _FreezeAfterStartUp().setServiceParent(top)
+        ReloadOnHangup(options["policy"]).setServiceParent(top)
+    Announce(options["ports"]).setServiceParent(top)
+    FreezeAfterStartUp().setServiceParent(top)
     return top

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from socksident._types import global_reactor
 from socksident.reuseport import ListeningGroup, open_group
+from socksident.services import ListenError
 from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD
 
 __all__ = [
@@ -192,8 +193,6 @@ class WorkerPool(service.Service):
 
     def privilegedStartService(self) -> None:
         """Bind now: before twistd drops privileges, and so a busy port stops start-up."""
-        from socksident.tap import ListenError
-
         super().privilegedStartService()
         for description, endpoint in zip(self.descriptions, self.endpoints):
             family, host, port, backlog = _tcp_address(endpoint)

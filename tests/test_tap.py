@@ -4,6 +4,7 @@ import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.python import usage
 
+from socksident import services
 from socksident.policy import DefaultPolicy, IdentMode
 from socksident.settings import ServerSettings
 from socksident.tap import DEFAULT_PORT, ListenError, Options, makeService, with_backlog
@@ -147,14 +148,14 @@ def test_makeservice_with_rules_reloads_on_sighup(tmp_path, monkeypatch):
     import signal
 
     import twisted.internet
-    from socksident.tap import _ReloadOnHangup
+    from socksident.services import ReloadOnHangup
 
     rules = tmp_path / "sockd.conf"
     rules.write_text("permit 10.0.0.0/8\n")
     options = parse("--port", "tcp:0:interface=127.0.0.1", "--rules", str(rules))
-    [reload_service] = [s for s in makeService(options) if isinstance(s, _ReloadOnHangup)]
+    [reload_service] = [s for s in makeService(options) if isinstance(s, ReloadOnHangup)]
     assert reload_service.policy is options["policy"]
-    assert not [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, _ReloadOnHangup)]
+    assert not [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, ReloadOnHangup)]
 
     class FakeReactor:
         def __init__(self):
@@ -231,11 +232,9 @@ def test_start_up_objects_are_frozen_out_of_the_cyclic_collector_once_running(mo
 
     from twisted.internet.testing import MemoryReactor
 
-    from socksident import tap
-
     reactor = MemoryReactor()
-    monkeypatch.setattr(tap, "global_reactor", lambda: reactor)
-    [freeze] = [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, tap._FreezeAfterStartUp)]
+    monkeypatch.setattr(services, "global_reactor", lambda: reactor)
+    [freeze] = [s for s in makeService(parse("--port", "tcp:0")) if isinstance(s, services.FreezeAfterStartUp)]
     freeze.startService()
     assert [call[0] for call in reactor.whenRunningHooks] == [gc.freeze]
 def test_source_address_one_per_family_of_this_host() -> None:

@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from socksident import tap, worker, workers
+from socksident import services, tap, worker, workers
 from socksident.reuseport import ListeningGroup
 from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD, AdoptedListener
 from socksident.workers import STOP_TIMEOUT, WorkerPool, parse_workers, restart_delay
@@ -350,7 +350,7 @@ class Stopping(tap.service.Service):
 
 def test_the_parent_stops_each_service_once_the_later_ones_have_stopped():
     order: list[str] = []
-    top = tap._StopInOrder()
+    top = services.StopInOrder()
     log, pool = Stopping("log", order), Stopping("pool", order)
     log.setServiceParent(top)
     pool.setServiceParent(top)
