@@ -30,15 +30,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident._types import global_reactor
+from socksident.workers import EVENTS_FD
 
-__all__ = ["EVENTS_FD", "FIRST_LISTEN_FD", "AdoptedListener", "worker_main"]
+__all__ = ["AdoptedListener", "worker_main"]
 
 log = Logger()
-
-#: The worker's descriptor for its log events (JSON lines to the parent).
-EVENTS_FD = 3
-#: Worker descriptors from here on are its listening sockets, one per --port.
-FIRST_LISTEN_FD = 4
 
 _PR_SET_PDEATHSIG = 1
 

@@ -46,9 +46,10 @@ from twisted.python.failure import Failure
 from socksident._types import global_reactor
 from socksident.reuseport import ListeningGroup, open_group
 from socksident.services import ListenError
-from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD
 
 __all__ = [
+    "EVENTS_FD",
+    "FIRST_LISTEN_FD",
     "MAX_RESTART_DELAY",
     "RESTART_DELAY",
     "STABLE_AFTER",
@@ -60,6 +61,11 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: The worker's descriptor for its log events (JSON lines to the parent).
+EVENTS_FD = 3
+#: Worker descriptors from here on are its listening sockets, one per --port.
+FIRST_LISTEN_FD = 4
 
 #: Seconds before the first restart of a worker that died; doubles for each
 #: further death of a worker that ran less than STABLE_AFTER seconds.

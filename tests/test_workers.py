@@ -27,8 +27,15 @@ from twisted.python.failure import Failure
 
 from socksident import services, tap, worker, workers
 from socksident.reuseport import ListeningGroup
-from socksident.worker import EVENTS_FD, FIRST_LISTEN_FD, AdoptedListener
-from socksident.workers import STOP_TIMEOUT, WorkerPool, parse_workers, restart_delay
+from socksident.worker import AdoptedListener
+from socksident.workers import (
+    EVENTS_FD,
+    FIRST_LISTEN_FD,
+    STOP_TIMEOUT,
+    WorkerPool,
+    parse_workers,
+    restart_delay,
+)
 
 
 class FakeProcess:
