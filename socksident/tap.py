@@ -153,6 +153,17 @@ def _metrics_endpoint(description: Optional[str]) -> Any:
         raise usage.UsageError(f"--metrics {description!r}: {error}")
 
 
+def _count(name: str, value: str) -> int:
+    """A limit: a whole number, 0 meaning none."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise usage.UsageError(f"--{name} takes a whole number (0: no limit), not {value!r}")
+    return number
+
+
 def _port_range(value: str) -> tuple[int, int]:
     low, sep, high = value.partition("-")
     try:
@@ -209,6 +220,12 @@ class Options(usage.Options):
         ["access-log", None, _DEFAULTS.access_log,
          "Write one JSON line per finished request to this file ('-': standard output); "
          "SIGUSR1 reopens it."],
+        ["max-connections", None, str(_DEFAULTS.max_connections),
+         "Serve at most this many client connections at once (0: no limit); past it a "
+         "new client is answered 91.  With --workers, each worker's own limit."],
+        ["max-per-host", None, str(_DEFAULTS.max_per_host),
+         "Serve at most this many connections at once from one client IP address "
+         "(0: no limit); past it that host's new connections are answered 91."],
         ["metrics", None, _DEFAULTS.metrics,
          "Serve Prometheus metrics on this endpoint, e.g. tcp:9108:interface=127.0.0.1 "
          "(needs pip install socksident[metrics])."],
@@ -282,6 +299,8 @@ class Options(usage.Options):
             access_log=self["access-log"],
             source_addresses=tuple(self["source-addresses"]),
             metrics=self["metrics"],
+            max_connections=_count("max-connections", self["max-connections"]),
+            max_per_host=_count("max-per-host", self["max-per-host"]),
         )
         self["access-log-file"] = _access_log(self["access-log"])
         if any(self["proxied"]) and self["settings"].bind_address is None:
