@@ -64,6 +64,7 @@ class ServerShared(SharedState, Structural):
     """What a connection needs of its factory (`server.SOCKS4ServerFactory`)."""
 
     live: LiveCounts
+    open_connections: set[Any]  # the SOCKS4Server of each open connection (to cut off)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -100,6 +101,7 @@ class SOCKS4Server(Protocol):
         self._logged = False
         self._recorded = True  # False: no access record (a balancer's health check)
         self._admitted_host: Optional[str] = None  # counted under the limits
+        self._cut_off: Optional[str] = None  # why the server cut this connection off
         self._time_to_grant: Optional[float] = None
 
     def _enter(self, state: State) -> None:
@@ -111,6 +113,7 @@ class SOCKS4Server(Protocol):
         self.started = self.reactor.seconds()
         self.connection = ConnectionInfo.of_transport(self.transport)
         self.factory.live.change("connections", +1)
+        self.factory.open_connections.add(self)
         self._set_timer(self.settings.request_timeout, "no complete request")
         if self.state is State.REQUEST:
             self._admit()  # behind a balancer: once the header names the client
@@ -183,6 +186,11 @@ class SOCKS4Server(Protocol):
             self._admit()
         if leftover:
             self._read_request(leftover)
+
+    def cut_off(self, why: str) -> None:
+        """End this connection now (a stopping server); its record says `why`."""
+        self._cut_off = why
+        self.transport.abortConnection()
 
     # -- the limits ------------------------------------------------------------
 
@@ -394,6 +402,7 @@ class SOCKS4Server(Protocol):
             return
         self._logged = True
         self.factory.live.change("connections", -1)
+        self.factory.open_connections.discard(self)
         self._release()
         if not self._recorded:
             return
@@ -401,6 +410,8 @@ class SOCKS4Server(Protocol):
         reason = self._reason
         if reason is None:
             reason = decision.reason if decision is not None else ""
+        if self._cut_off is not None:
+            reason = f"{reason}; cut off: {self._cut_off}" if reason else self._cut_off
         via = establishing.via if establishing is not None else None
         emit(
             AccessRecord(

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from socksident._types import global_reactor
+from socksident.drain import Drain
 from socksident.jsonlog import AccessLogFile, ReopenOnSignal
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
@@ -220,6 +221,9 @@ class Options(usage.Options):
         ["access-log", None, _DEFAULTS.access_log,
          "Write one JSON line per finished request to this file ('-': standard output); "
          "SIGUSR1 reopens it."],
+        ["shutdown-timeout", None, f"{_DEFAULTS.shutdown_timeout:g}",
+         "On SIGTERM, seconds the open connections have to finish before they are "
+         "cut off (0: at once); a second SIGTERM cuts them off at once."],
         ["max-connections", None, str(_DEFAULTS.max_connections),
          "Serve at most this many client connections at once (0: no limit); past it a "
          "new client is answered 91.  With --workers, each worker's own limit."],
@@ -301,6 +305,7 @@ class Options(usage.Options):
             metrics=self["metrics"],
             max_connections=_count("max-connections", self["max-connections"]),
             max_per_host=_count("max-per-host", self["max-per-host"]),
+            shutdown_timeout=_seconds("shutdown-timeout", self["shutdown-timeout"], allow_zero=True),
         )
         self["access-log-file"] = _access_log(self["access-log"])
         if any(self["proxied"]) and self["settings"].bind_address is None:
@@ -441,6 +446,7 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
     ):
         listening = factory.proxy_listener() if proxied else factory
         make_listener(description, endpoint, listening).setServiceParent(top)
+    Drain(factory, options["settings"].shutdown_timeout).setServiceParent(top)
     if options.get("metrics-endpoint") is not None:
         from socksident.metrics import Metrics, MetricsService
 
