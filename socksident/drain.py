@@ -54,6 +54,11 @@ class Drain(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        # twistd re-raises the signal that stopped the reactor once it has
+        # stopped, so the exit status would say "killed"; a drained stop is a
+        # clean one: exit 0 (as the --workers parent does).
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
         open_now = self.factory.live.connections
         if open_now == 0:
             return succeed(None)
@@ -85,11 +90,12 @@ class Drain(service.Service):
 
     def _changed(self, what: str, delta: int) -> None:
         if what == "connections" and self.factory.live.connections == 0:
-            self._finished()
+            # Once the last record is written: the count drops just before it.
+            self.reactor.callLater(0, self._finished)
 
     def _finished(self) -> None:
         done = self._done
-        if done is None or done.called:
+        if done is None or done.called or self.factory.live.connections:
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -51,6 +51,7 @@ def drain_of(server: Server, timeout: float = 30.0) -> Drain:
 def test_with_nothing_open_the_stop_is_immediate():
     server = Server()
     stopped = drain_of(server).stopService()
+    server.reactor.advance(0)
     assert stopped.called
 
 
@@ -65,6 +66,7 @@ def test_a_relay_that_ends_within_the_timeout_completes(access_events):
     assert not stopped.called
     remote_proto.connectionLost(Failure(Exception("closed")))
     lost(proto)
+    server.reactor.advance(0)
     assert stopped.called
     [event] = access_events
     assert "cut off" not in event["reason"] and event["bytes_up"] == len(b"still relayed")
@@ -83,6 +85,7 @@ def test_at_the_timeout_the_rest_are_cut_off_with_their_records(access_events):
     for proto, _, remote_proto, _ in relays:
         if proto.state is not State.CLOSED:
             remote_proto.connectionLost(Failure(Exception("aborted")))
+    server.reactor.advance(0)
     assert stopped.called
     assert len(access_events) == 4
     assert all("cut off: server stopping (shutdown timeout)" in e["reason"] for e in access_events)
@@ -100,6 +103,7 @@ def test_a_second_sigterm_cuts_off_at_once(access_events):
     drain.cut_off("second SIGTERM")
     if proto.state is not State.CLOSED:
         remote_proto.connectionLost(Failure(Exception("aborted")))
+    server.reactor.advance(0)
     assert stopped.called
     assert signal.getsignal(signal.SIGTERM) is before
     [event] = access_events
