@@ -435,6 +435,8 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
             options["ports"],
             options["endpoints"],
             reload_on_hangup=hasattr(options["policy"], "reload"),
+            # The workers' drain, and time to write their records and exit.
+            stop_timeout=options["settings"].shutdown_timeout + 30,
         ).setServiceParent(top)
         return top
     factory = SOCKS4ServerFactory(
