@@ -114,3 +114,25 @@ def _refused(server: TwistdServer) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_under_workers_a_relay_survives_sigterm_to_the_parent(tmp_path: Path) -> None:
+    echo = Echo()
+    server = TwistdServer(tmp_path, ["--workers", "2", "--shutdown-timeout", "60"])
+    try:
+        wait_for(lambda: server.log().count("serving") >= 2, 30, "both workers serving")
+        client = relay(server, echo)
+        server.process.send_signal(signal.SIGTERM)
+        # (a worker's events reach the parent's log rendered without format specs)
+        wait_for(lambda: "stopping: waiting up to 60" in server.log(), 15, "the worker's drain")
+        client.sendall(b"after SIGTERM")
+        assert client.recv(100) == b"after SIGTERM"
+        assert server.process.poll() is None
+        client.close()
+        assert server.process.wait(15) == 0
+        [line] = server.access_lines()
+        assert "-> 90" in line and "up=19 down=19" in line
+        assert server.poison() == []
+    finally:
+        server.stop()
+        echo.close()
