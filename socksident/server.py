@@ -58,6 +58,7 @@ class SOCKS4ServerFactory(Factory):
         self.ident_query = ident_query
         self.open_connects = bind.OpenConnects()
         self.live = LiveCounts()
+        self.open_connections: set[SOCKS4Server] = set()
 
     @property
     def reactor(self) -> Any:

@@ -64,6 +64,7 @@ class ServerShared(SharedState, Structural):
     """What a connection needs of its factory (`server.SOCKS4ServerFactory`)."""
 
     live: LiveCounts
+    open_connections: set[Any]  # the SOCKS4Server of each open connection (to cut off)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -98,6 +99,9 @@ class SOCKS4Server(Protocol):
         self._timer_seconds = 0.0
         self._chain: Optional[Deferred[RemoteProtocol]] = None
         self._logged = False
+        self._recorded = True  # False: no access record (a balancer's health check)
+        self._admitted_host: Optional[str] = None  # counted under the limits
+        self._cut_off: Optional[str] = None  # why the server cut this connection off
         self._time_to_grant: Optional[float] = None
 
     def _enter(self, state: State) -> None:
@@ -109,7 +113,10 @@ class SOCKS4Server(Protocol):
         self.started = self.reactor.seconds()
         self.connection = ConnectionInfo.of_transport(self.transport)
         self.factory.live.change("connections", +1)
+        self.factory.open_connections.add(self)
         self._set_timer(self.settings.request_timeout, "no complete request")
+        if self.state is State.REQUEST:
+            self._admit()  # behind a balancer: once the header names the client
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.HEADER:
@@ -166,7 +173,7 @@ class SOCKS4Server(Protocol):
             # The balancer's own connection (a health check): no client, no
             # request, and no access record, or health checks would flood it.
             log.debug("PROXY LOCAL connection from {via}: closed", via=self.connection.client)
-            self._logged = True
+            self._recorded = False
             self._close_without_reply("PROXY LOCAL")
             return
         self._enter(State.REQUEST)
@@ -176,8 +183,36 @@ class SOCKS4Server(Protocol):
             )
         else:
             self.connection = self.connection.with_header(header.source, header.destination)
+            self._admit()
         if leftover:
             self._read_request(leftover)
+
+    def cut_off(self, why: str) -> None:
+        """End this connection now (a stopping server); its record says `why`."""
+        self._cut_off = why
+        self.transport.abortConnection()
+
+    # -- the limits ------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Count this client under the limits, or mark it to be refused.
+
+        A refused client is still read: it gets its 91 (naming the limit)
+        once its request arrives, or is closed at the request deadline.
+        """
+        host = self.connection.client_host
+        refusal = self.factory.live.admitted.admit(
+            host, self.settings.max_connections, self.settings.max_per_host
+        )
+        if refusal is None:
+            self._admitted_host = host
+        elif self._abort_cause is None:
+            self._abort_cause = refusal
+
+    def _release(self) -> None:
+        if self._admitted_host is not None:
+            self.factory.live.admitted.release(self._admitted_host)
+            self._admitted_host = None
 
     # -- reading the request ------------------------------------------------
 
@@ -315,6 +350,11 @@ class SOCKS4Server(Protocol):
         self._finish()
 
     def _close_without_reply(self, reason: str) -> None:
+        if self.state is State.REQUEST and isinstance(self._abort_cause, SOCKS4Refusal):
+            # Refused before its request came (a limit, a header without a
+            # client): the record says why it would have been refused.
+            self._refusal = self._abort_cause
+            reason = f"{self._abort_cause.reason}; {reason}"
         self._reason = reason
         self._enter(State.CLOSED)
         self._cancel_timer()
@@ -362,10 +402,16 @@ class SOCKS4Server(Protocol):
             return
         self._logged = True
         self.factory.live.change("connections", -1)
+        self.factory.open_connections.discard(self)
+        self._release()
+        if not self._recorded:
+            return
         decision, relay, establishing = self.decision, self.relay, self._establishing
         reason = self._reason
         if reason is None:
             reason = decision.reason if decision is not None else ""
+        if self._cut_off is not None:
+            reason = f"{reason}; cut off: {self._cut_off}" if reason else self._cut_off
         via = establishing.via if establishing is not None else None
         emit(
             AccessRecord(

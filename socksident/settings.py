@@ -42,3 +42,6 @@ class ServerSettings:
     source_addresses: tuple[str, ...] = ()  # CONNECTs leave from these (one per family)
     connect_attempt_delay: float = 0.3  # RFC 8305: start the next address this much later
     metrics: Optional[str] = None  # endpoint serving Prometheus metrics
+    max_connections: int = 0  # admitted client connections at once (per process); 0: no limit
+    shutdown_timeout: float = 30.0  # on SIGTERM, time open connections have to finish
+    max_per_host: int = 0  # admitted connections from one client IP at once; 0: no limit

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from socksident._types import global_reactor
+from socksident.drain import Drain
 from socksident.jsonlog import AccessLogFile, ReopenOnSignal
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
@@ -157,6 +158,17 @@ def _metrics_endpoint(description: Optional[str]) -> Any:
         raise usage.UsageError(f"--metrics {description!r}: {error}")
 
 
+def _count(name: str, value: str) -> int:
+    """A limit: a whole number, 0 meaning none."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise usage.UsageError(f"--{name} takes a whole number (0: no limit), not {value!r}")
+    return number
+
+
 def _port_range(value: str) -> tuple[int, int]:
     low, sep, high = value.partition("-")
     try:
@@ -213,6 +225,15 @@ class Options(usage.Options):
         ["access-log", None, _DEFAULTS.access_log,
          "Write one JSON line per finished request to this file ('-': standard output); "
          "SIGUSR1 reopens it."],
+        ["shutdown-timeout", None, f"{_DEFAULTS.shutdown_timeout:g}",
+         "On SIGTERM, seconds the open connections have to finish before they are "
+         "cut off (0: at once); a second SIGTERM cuts them off at once."],
+        ["max-connections", None, str(_DEFAULTS.max_connections),
+         "Serve at most this many client connections at once (0: no limit); past it a "
+         "new client is answered 91.  With --workers, each worker's own limit."],
+        ["max-per-host", None, str(_DEFAULTS.max_per_host),
+         "Serve at most this many connections at once from one client IP address "
+         "(0: no limit); past it that host's new connections are answered 91."],
         ["metrics", None, _DEFAULTS.metrics,
          "Serve Prometheus metrics on this endpoint, e.g. tcp:9108:interface=127.0.0.1 "
          "(needs pip install socksident[metrics])."],
@@ -289,6 +310,9 @@ class Options(usage.Options):
             access_log=self["access-log"],
             source_addresses=tuple(self["source-addresses"]),
             metrics=self["metrics"],
+            max_connections=_count("max-connections", self["max-connections"]),
+            max_per_host=_count("max-per-host", self["max-per-host"]),
+            shutdown_timeout=_seconds("shutdown-timeout", self["shutdown-timeout"], allow_zero=True),
         )
         self["access-log-file"] = None if self.worker else _access_log(self["access-log"])
         if any(self["proxied"]) and self["settings"].bind_address is None:
@@ -348,6 +372,8 @@ def _parent_service(options: Options) -> service.MultiService:
         options["ports"],
         options["endpoints"],
         reload_on_hangup=hasattr(options["policy"], "reload"),
+        # The workers' drain, and time to write their records and exit.
+        stop_timeout=options["settings"].shutdown_timeout + 30,
     )
     if options.get("metrics-endpoint") is not None:
         from socksident.metrics import AggregatedMetricsService
@@ -378,6 +404,7 @@ def makeService(options: Options, listener: Optional[ListenerMaker] = None) -> s
     ):
         listening = factory.proxy_listener() if proxied else factory
         make_listener(description, endpoint, listening).setServiceParent(top)
+    Drain(factory, options["settings"].shutdown_timeout).setServiceParent(top)
     if options.get("metrics-endpoint") is not None:
         from socksident.metrics import Metrics, MetricsService
 

@@ -173,7 +173,9 @@ class WorkerPool(service.Service):
         endpoints: Sequence[Any],
         reload_on_hangup: bool,
         reactor: Any = None,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
+        self.stop_timeout = stop_timeout  # each worker's --shutdown-timeout, and a margin
         self.count = count
         self.argv = list(argv)
         self.descriptions = list(descriptions)
@@ -312,9 +314,17 @@ class WorkerPool(service.Service):
             return succeed(None)
         for protocol in running:
             _signal(protocol, "TERM")
-        kill = self.reactor.callLater(STOP_TIMEOUT, self._kill_remaining)
+        kill = self.reactor.callLater(self.stop_timeout, self._kill_remaining)
+        reactor = self.reactor
+
+        def second_term(signum: int, frame: Any) -> None:
+            # The workers drain their connections: a second SIGTERM cuts them off.
+            reactor.callFromThread(self.signal_all, "TERM")
+
+        previous_term = signal.signal(signal.SIGTERM, second_term)
 
         def done(_: object) -> None:
+            signal.signal(signal.SIGTERM, previous_term)
             if kill.active():
                 kill.cancel()
                 self._exit_cleanly()
@@ -335,7 +345,7 @@ class WorkerPool(service.Service):
     def _kill_remaining(self) -> None:
         for protocol in list(self.workers.values()):
             log.warn("worker {worker} (pid {pid}) still running {timeout:g} s after SIGTERM; "
-                     "killing it", worker=protocol.index, pid=protocol.pid, timeout=STOP_TIMEOUT)
+                     "killing it", worker=protocol.index, pid=protocol.pid, timeout=self.stop_timeout)
             _signal(protocol, "KILL")
 
     def _close_groups(self) -> None:

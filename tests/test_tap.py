@@ -35,6 +35,17 @@ def test_option_defaults_are_the_settings_defaults():
     assert parse()["settings"] == ServerSettings()
 
 
+def test_connection_limits_are_off_by_default_and_set_by_their_options():
+    assert (parse()["settings"].max_connections, parse()["settings"].max_per_host) == (0, 0)
+    settings = parse("--max-connections", "500", "--max-per-host", "20")["settings"]
+    assert (settings.max_connections, settings.max_per_host) == (500, 20)
+
+
+def test_shutdown_timeout_defaults_to_30_s_and_may_be_zero():
+    assert parse()["settings"].shutdown_timeout == 30
+    assert parse("--shutdown-timeout", "0")["settings"].shutdown_timeout == 0
+
+
 def test_ports_are_repeatable_and_a_bare_number_is_tcp():
     options = parse("--port", "1080", "-p", "tcp6:1081:interface=\\:\\:1")
     assert options["ports"] == ["tcp:1080", "tcp6:1081:interface=\\:\\:1"]
@@ -85,6 +96,9 @@ def test_timeouts_and_bind_settings():
         (["--ident-port", "70000"], "--ident-port takes a port number"),
         (["--bind-address", "outside"], "--bind-address takes an IP address"),
         (["--bind-address", "192.0.2.1"], "--bind-address 192.0.2.1: not an address of this host"),
+        (["--max-connections", "many"], r"--max-connections takes a whole number \(0: no limit\)"),
+        (["--max-per-host", "-1"], "--max-per-host takes a whole number"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a positive number"),
         (["stray"], "Wrong number of arguments"),
     ],
 )

@@ -223,6 +223,31 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_bound(pool):
     assert pool.reactor._exitSignal == signal.SIGTERM
 
 
+def test_a_second_sigterm_is_passed_on_to_the_draining_workers(pool):
+    calls: list[Any] = []
+    pool.reactor.callFromThread = lambda f, *a: calls.append((f, a))
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = pool.stopService()
+    handler = signal.getsignal(signal.SIGTERM)
+    assert handler is not before
+    handler(signal.SIGTERM, None)
+    for function, args in calls:
+        function(*args)
+    assert [p.signals for p in processes(pool)] == [["TERM", "TERM"], ["TERM", "TERM"]]
+    for process in processes(pool):
+        process.end(Failure(ProcessDone(0)))
+    assert stopped.called and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_parent_waits_the_workers_shutdown_timeout_and_a_margin():
+    from socksident.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--workers", "2", "--shutdown-timeout", "90"])
+    [pool] = list(makeService(options))
+    assert pool.stop_timeout == 120
+
+
 def test_stopping_cancels_a_pending_restart(pool):
     processes(pool)[0].end(killed(9))
     pool.stopService()
