@@ -24,7 +24,14 @@ from socksident.connection import ConnectionInfo
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.identclient import IdentQuery, SharedIdentQuery
 from socksident.nexthop import NextHop, NextHopFailed
-from socksident.policy import Decision, IEarlyRefusal, IPolicy, PolicyContext
+from socksident.policy import (
+    Decision,
+    IEarlyRefusal,
+    IPolicy,
+    PolicyContext,
+    Route,
+    through_next_hop,
+)
 from socksident.relay import RemoteProtocol
 from socksident.settings import ServerSettings
 from socksident.socks4 import Command, Request, RequestRejectedOrFailed
@@ -132,6 +139,12 @@ class Establishment:
         if refusal is not None:
             raise refusal
 
+    def _routed(self, decision: Decision, resolved: bool) -> Optional[NextHop]:
+        """The next hop this granted request goes through, by its route; None: direct."""
+        hop = self.shared.next_hop
+        via = through_next_hop(decision, self.request.destination, resolved, hop is not None)
+        return hop if via else None
+
     # -- the hot path: CONNECT to an IP address -----------------------------------
 
     def _connect_address(self) -> Optional[Deferred[RemoteProtocol]]:
@@ -155,6 +168,10 @@ class Establishment:
 
     def _connect_decided(self, decision: Decision) -> Deferred[RemoteProtocol]:
         self._decided(decision)
+        if decision.route is Route.NEXT_HOP:
+            self.via = self._routed(decision, resolved=True)
+            assert self.via is not None
+            return Deferred.fromCoroutine(self._through_next_hop(self.via))
         address, port = self.request.address, self.request.port
         self.destination_address = address
         if self.settings.source_addresses:
@@ -185,9 +202,12 @@ class Establishment:
         except outbound.NotResolved:
             if self.shared.next_hop is None:
                 raise
-            self.via, addresses = self.shared.next_hop, ()
-        decision = await maybeDeferred(policy.check, request, self._context(addresses))
-        self._decided(cast(Decision, decision))
+            addresses = ()  # the policy decides whether the next hop may have it
+        decision = cast(
+            Decision, await maybeDeferred(policy.check, request, self._context(addresses))
+        )
+        self._decided(decision)
+        self.via = self._routed(decision, resolved=bool(addresses))
         if self.via is not None:
             return await self._through_next_hop(self.via)
         if request.command is Command.CONNECT:
@@ -208,8 +228,8 @@ class Establishment:
         request = self.request
         if request.command is not Command.CONNECT:
             raise RequestRejectedOrFailed(
-                f"{request.destination} does not resolve here; BIND is not forwarded"
-                f" to the next hop {hop.name}"
+                f"BIND to {request.destination} would go through the next hop {hop.name};"
+                " BIND is not forwarded"
             )
         try:
             remote = await hop.connect(

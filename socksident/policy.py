@@ -18,7 +18,13 @@ from zope.interface import Interface, implementer
 
 from socksident.address import ip_of
 from socksident.ident import IdentAnswer, IdentOutcome
-from socksident.socks4 import ReplyCode, Request, SOCKS4Refusal, refusal_for
+from socksident.socks4 import (
+    ReplyCode,
+    Request,
+    RequestRejectedOrFailed,
+    SOCKS4Refusal,
+    refusal_for,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -33,12 +39,50 @@ __all__ = [
     "IdentMode",
     "IdentVerdict",
     "PolicyContext",
+    "Route",
     "check_ident",
     "deny",
     "is_loopback",
     "is_private",
+    "through_next_hop",
     "verdict",
 ]
+
+
+class Route(enum.Enum):
+    """Where a permitted request goes, when the policy says (``Decision.route``).
+
+    None (no route) is the default: connect directly, and send a SOCKS4A
+    name that does not resolve here to the next hop when there is one.
+    """
+
+    NEXT_HOP = "next-hop"  # through --next-hop, even when the name resolves here
+    DIRECT = "direct"  # never through the next hop: an unresolvable name is 91
+
+
+def through_next_hop(
+    decision: "Decision", destination: str, resolved: bool, have_next_hop: bool
+) -> bool:
+    """Does this granted request go through the next hop?  A name that did not
+    resolve here does, unless its route is DIRECT; a NEXT_HOP route always
+    does.  A route that cannot be followed raises the 91 that says why."""
+    rule = decision.rule or "the policy"
+    if decision.route is Route.DIRECT:
+        if not resolved:
+            raise RequestRejectedOrFailed(
+                f"{destination} does not resolve here, and {rule} forbids the next hop"
+                " (via=direct)"
+            )
+        return False
+    if decision.route is Route.NEXT_HOP or not resolved:
+        if not have_next_hop:
+            if resolved or decision.route is Route.NEXT_HOP:
+                raise RequestRejectedOrFailed(
+                    f"{rule} sends {destination} via the next hop, but no --next-hop is set"
+                )
+            raise RequestRejectedOrFailed(f"{destination} does not resolve")
+        return True
+    return False
 
 
 class IdentMode(enum.Enum):
@@ -89,6 +133,7 @@ class Decision:
     rule: Optional[str] = None  # where the decision came from, e.g. "sockd.conf:12"
     ident: Optional[IdentAnswer] = None
     on_granted: Optional[Callable[[], object]] = field(default=None, compare=False, repr=False)
+    route: Optional[Route] = None
 
     @property
     def granted(self) -> bool:

@@ -323,6 +323,8 @@ class Options(usage.Options):
         self["metrics-endpoint"] = _metrics_endpoint(self["metrics"])
         self["policy"] = self._policy()
         self["next_hop"] = _next_hop(self["next-hop"])
+        if self["next_hop"] is None:
+            _check_no_route_to_next_hop(self["policy"])
 
     def _policy(self) -> IPolicy:
         if self["rules"] is None:
@@ -336,6 +338,22 @@ class Options(usage.Options):
             return RulesPolicy(self["rules"], self["ident"], run_command=runner)
         except RulesError as error:
             raise usage.UsageError(str(error))
+
+
+def _check_no_route_to_next_hop(policy: IPolicy) -> None:
+    """A rules line sending requests via a next hop that is not configured is
+    a start-up error (a reload that adds one refuses those requests with 91)."""
+    from socksident.policy import Route
+    from socksident.rules import RulesPolicy
+
+    if not isinstance(policy, RulesPolicy):
+        return
+    for rule in policy.rules.rules:
+        if rule.route is Route.NEXT_HOP:
+            raise usage.UsageError(
+                f"{rule.location}: via=next-hop, but no --next-hop is set;"
+                " add --next-hop ENDPOINT or remove via=next-hop"
+            )
 
 
 def _expand_bare_ident(argv: list[str]) -> list[str]:

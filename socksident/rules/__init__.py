@@ -2,7 +2,8 @@
 
 One rule a line, the first matching line wins, no matching line denies (91)::
 
-    permit|deny [connect|bind] [?=I|?=i|?=n] [*=userlist] src_addr src_mask
+    permit|deny [connect|bind] [?=I|?=i|?=n] [*=userlist] [via=next-hop|via=direct]
+                src_addr src_mask
                 [dst_addr dst_mask] [op dst_port] [: command]
 
 ``#`` starts a comment, except on the two special lines ``#NO_IDENTD: cmd``
@@ -37,6 +38,9 @@ Extensions to the classic format:
 - A destination written as a domain suffix (``.example.com``, one field)
   matches SOCKS4A host names ending in it, and ``example.com`` itself.  It
   never matches a plain SOCKS4 request: we do no reverse lookups.
+- ``via=next-hop`` / ``via=direct`` on a permit line (`Decision.route`):
+  through ``--next-hop`` even when the destination resolves here, or never
+  through it (an unresolvable name is then 91); see `policy.through_next_hop`.
 - A destination whose IPv4 mask is zero (``0.0.0.0 0.0.0.0``,
   ``0.0.0.0/0``) matches any destination, as an omitted one does, including
   IPv6 addresses and SOCKS4A names that did not resolve.

@@ -18,7 +18,14 @@ from typing import Optional, Sequence
 from twisted.internet.defer import Deferred, succeed
 
 from socksident.ident import IdentAnswer, IdentOutcome
-from socksident.policy import Decision, DecisionResult, IdentMode, PolicyContext
+from socksident.policy import (
+    Decision,
+    DecisionResult,
+    IdentMode,
+    PolicyContext,
+    Route,
+    through_next_hop,
+)
 from socksident.rules._model import Evaluation, host_address
 from socksident.rules._parser import RulesError, wire_user
 from socksident.rules._policy import RulesPolicy
@@ -27,6 +34,7 @@ from socksident.socks4 import (
     ProtocolError,
     ReplyCode,
     Request,
+    RequestRejectedOrFailed,
     RequestParser,
     build_request,
 )
@@ -70,6 +78,11 @@ def _tester_arguments() -> argparse.ArgumentParser:
     who.add_argument("--ident-user", metavar="NAME", help="what the client's identd answers")
     who.add_argument("--no-identd", action="store_true", help="the client's identd does not answer")
     parser.add_argument("--bind", action="store_true", help="a BIND request (default CONNECT)")
+    parser.add_argument(
+        "--next-hop",
+        action="store_true",
+        help="the server runs with --next-hop (names that do not resolve go there)",
+    )
     parser.add_argument(
         "--ident",
         choices=("require", "check"),
@@ -135,6 +148,22 @@ def _result(result: DecisionResult) -> Decision:
     return decisions[0]
 
 
+def _routed(
+    decision: Decision, request: Request, resolved: bool, next_hop: bool
+) -> tuple[Decision, str]:
+    """Where the server would send a granted request (`policy.through_next_hop`)."""
+    if not decision.granted:
+        return decision, ""
+    try:
+        via = through_next_hop(decision, request.destination, resolved, next_hop)
+    except RequestRejectedOrFailed as refusal:
+        return Decision(ReplyCode.REJECTED, refusal.reason, decision.rule), ""
+    if not via:  # the default says nothing; a via=direct line is shown
+        return decision, "direct (via=direct)" if decision.route is Route.DIRECT else ""
+    why = "via=next-hop" if decision.route is Route.NEXT_HOP else "the name does not resolve here"
+    return decision, f"through the next hop ({why})"
+
+
 def _write_report(
     request: Request,
     context: PolicyContext,
@@ -142,6 +171,7 @@ def _write_report(
     ident: _TesterIdent,
     decision: Decision,
     commands: list[str],
+    route: str,
 ) -> None:
     out = sys.stdout.write
     kind = "SOCKS4A" if request.is_socks4a else "SOCKS4"
@@ -166,6 +196,8 @@ def _write_report(
             "--no-identd was given: evaluated as --no-identd)\n")
     verb = "permit" if decision.granted else "deny"
     out(f"decision: {verb} ({int(decision.code)}): {decision.reason}\n")
+    if route:
+        out(f"route: {route}\n")
     for command in commands:
         out(f"command: {command}\n")
     if not commands:
@@ -192,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ident_user = wire_user(args.ident_user) if args.ident_user is not None else None
     ident = _TesterIdent(ident_user, args.no_identd)
     context = PolicyContext(args.src, 0, "0.0.0.0", 1080, addresses, ident)
-    if not addresses:
+    route = ""
+    if not addresses and not args.next_hop:
         # As the server does: a name that does not resolve is refused before
         # any rule (or identd) is consulted.
         evaluation = Evaluation(False, "", None, ())
@@ -200,9 +233,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         evaluation = policy.rules.evaluate(request, context)
         decision = _result(policy.check(request, context))
+        decision, route = _routed(decision, request, bool(addresses), args.next_hop)
         if decision.granted and decision.on_granted is not None:
             decision.on_granted()  # as the server does once it has replied 90
-    _write_report(request, context, evaluation, ident, decision, commands)
+    _write_report(request, context, evaluation, ident, decision, commands, route)
     return 0 if decision.granted else 1
 
 

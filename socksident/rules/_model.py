@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 from socksident.address import IPAddress, ip_of
-from socksident.policy import Decision, IdentMode, PolicyContext
+from socksident.policy import Decision, IdentMode, PolicyContext, Route
 from socksident.socks4 import Command, ReplyCode, Request
 
 __all__ = [
@@ -95,6 +95,7 @@ class Rule:
     ident_mode: Optional[IdentMode] = None  # None: the global mode
     socks_command: Optional[Command] = None  # None: connect and bind
     shell_command: Optional[str] = None
+    route: Optional[Route] = None  # via=next-hop / via=direct; None: the default
 
     @property
     def location(self) -> str:

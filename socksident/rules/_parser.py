@@ -9,7 +9,7 @@ import socket
 from collections import deque
 from typing import Optional
 
-from socksident.policy import IdentMode
+from socksident.policy import IdentMode, Route
 from socksident.rules._model import (
     OPERATORS,
     Action,
@@ -30,6 +30,7 @@ MAX_LINE_LENGTH = 1023
 
 IDENT_OPTIONS = {"?=I": IdentMode.REQUIRE, "?=i": IdentMode.CHECK, "?=n": IdentMode.OFF}
 SOCKS_COMMANDS = {"connect": Command.CONNECT, "bind": Command.BIND}
+ROUTES = {"via=next-hop": Route.NEXT_HOP, "via=direct": Route.DIRECT}
 NO_IDENTD = "#NO_IDENTD:"
 BAD_ID = "#BAD_ID:"
 
@@ -106,7 +107,9 @@ def _parse_line(line: str, filename: str, lineno: int) -> Optional[Rule]:
         return None
     action = _parse_action(words.popleft())
     socks_command = _parse_socks_command(words)
-    ident_mode, users = _parse_options(words)
+    ident_mode, users, route = _parse_options(words)
+    if route is not None and action is not Action.PERMIT:
+        raise _LineError("a route (via=...) on a deny line; routes go on permit lines")
     source = _parse_source(words)
     destination = _parse_destination(words)
     port = _parse_port(words)
@@ -126,6 +129,7 @@ def _parse_line(line: str, filename: str, lineno: int) -> Optional[Rule]:
         ident_mode,
         socks_command,
         shell_command,
+        route,
     )
 
 
@@ -163,13 +167,24 @@ def _parse_socks_command(words: deque[str]) -> Optional[Command]:
     return None
 
 
-def _parse_options(words: deque[str]) -> tuple[Optional[IdentMode], Optional[frozenset[str]]]:
-    """The optional ``?=`` and ``*=`` fields, in either order, each at most once."""
+def _parse_options(
+    words: deque[str],
+) -> tuple[Optional[IdentMode], Optional[frozenset[str]], Optional[Route]]:
+    """The optional ``?=``, ``*=`` and ``via=`` fields, in any order, each at most once."""
     ident_mode: Optional[IdentMode] = None
     users: Optional[frozenset[str]] = None
-    while words and words[0][:2] in ("?=", "*="):
+    route: Optional[Route] = None
+    while words and (words[0][:2] in ("?=", "*=") or words[0].startswith("via=")):
         word = words.popleft()
-        if word.startswith("?="):
+        if word.startswith("via="):
+            if route is not None:
+                raise _LineError(f"second route {word!r}; expected at most one via=")
+            if word not in ROUTES:
+                raise _LineError(
+                    f"unknown route {word!r}; expected via=next-hop or via=direct"
+                )
+            route = ROUTES[word]
+        elif word.startswith("?="):
             if ident_mode is not None:
                 raise _LineError(f"second ident option {word!r}; expected at most one ?=")
             if word not in IDENT_OPTIONS:
@@ -179,7 +194,7 @@ def _parse_options(words: deque[str]) -> tuple[Optional[IdentMode], Optional[fro
             if users is not None:
                 raise _LineError(f"second user list {word!r}; expected at most one *=")
             users = _parse_users(word[2:])
-    return ident_mode, users
+    return ident_mode, users, route
 
 
 def _parse_users(value: str) -> frozenset[str]:

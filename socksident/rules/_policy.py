@@ -92,6 +92,11 @@ class RulesPolicy:
             return self._with_commands(result, rules, rule, request, context)
         return result.addCallback(self._with_commands, rules, rule, request, context)
 
+    @staticmethod
+    def _routed(decision: Decision, rule: Rule) -> Decision:
+        """The permitting line's route (via=...) goes with its decision."""
+        return decision if rule.route is None else replace(decision, route=rule.route)
+
     def _with_commands(
         self,
         decision: Decision,
@@ -100,6 +105,7 @@ class RulesPolicy:
         request: Request,
         context: PolicyContext,
     ) -> Decision:
+        decision = self._routed(decision, rule)
         if self._run_command is None:
             return decision
         answer = decision.ident

@@ -328,3 +328,54 @@ async def test_a_hop_that_fails_verification_is_91_with_one_log_line(
     first = by_listener(access_events)[a]
     assert first.replies == (91,) and first.next_hop == hop
     assert first.next_hop_reply is not None and first.next_hop_reply != "90"
+
+
+def rules_proxy(tmp_path: Path, text: str, resolver: NameTable, hop: str) -> SOCKS4ServerFactory:
+    from socksident.policy import IdentMode
+    from socksident.rules import RulesPolicy
+
+    rules = tmp_path / "sockd.conf"
+    rules.write_text(text)
+    return SOCKS4ServerFactory(
+        RulesPolicy(str(rules), IdentMode.OFF),
+        resolver=resolver,
+        next_hop=NextHop(clientFromString(reactor, hop), hop),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_via_next_hop_sends_a_name_that_resolves_here_through_the_hop(
+    tmp_path, listening, echo_server, access_events
+):
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})))
+    hop = f"tcp:{LOOPBACK}:{b}"
+    # A resolves the name too (to an address where nothing listens): the rule wins
+    here = NameTable({ONLY_AT_THE_END: "127.0.0.9"})
+    a = await listening(
+        f"tcp:0:interface={LOOPBACK}",
+        rules_proxy(tmp_path, "permit via=next-hop 127.0.0.0/8 .test\npermit 127.0.0.0/8\n", here, hop),
+    )
+    assert await round_trip(a, echo_server.port) == b"hello"
+    await echo_server.wait_all_closed()
+    records = by_listener(access_events)
+    assert records[a].next_hop == hop and records[a].next_hop_reply == "90"
+    assert records[a].rule is not None and records[a].rule.endswith("sockd.conf:1")
+    assert records[b].address == LOOPBACK
+
+
+@pytest_twisted.ensureDeferred
+async def test_via_direct_keeps_an_unresolvable_name_from_the_hop(
+    tmp_path, listening, echo_server, access_events
+):
+    last = NameTable({ONLY_AT_THE_END: LOOPBACK})
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(last))
+    a = await listening(
+        f"tcp:0:interface={LOOPBACK}",
+        rules_proxy(tmp_path, "permit via=direct 127.0.0.0/8\n", NameTable(), f"tcp:{LOOPBACK}:{b}"),
+    )
+    with pytest.raises(RequestRejectedOrFailed) as info:
+        await round_trip(a, echo_server.port)
+    assert info.value.code == 91
+    assert last.asked == []  # the hop was never asked
+    record = by_listener(access_events)[a]
+    assert record.next_hop is None and "forbids the next hop (via=direct)" in record.reason
