@@ -78,7 +78,7 @@ MUTATE ?=
 MUTATE_NAMES = $(if $(strip $(MUTATE)),$(foreach m,$(MUTATE),'$(subst /,.,$(m:.py=)).*'),'socksident.*')
 
 mutate: $(STAMP)
-	$(VENV)/bin/mutmut run $(MUTATE_NAMES) > mutants.log 2>&1 || { tail -n 40 mutants.log; exit 1; }
+	ulimit -s unlimited 2>/dev/null || true; $(VENV)/bin/mutmut run $(MUTATE_NAMES) > mutants.log 2>&1 || { tail -n 40 mutants.log; exit 1; }
 	$(PYTHON) tests/mutation/score.py $(MUTATE)
 
 mutate-score: $(STAMP)

@@ -307,3 +307,9 @@ def test_only_spaces_and_tabs_are_trimmed_from_the_user_id() -> None:
 def test_other_whitespace_around_tokens_is_malformed(line: bytes, message: str) -> None:
     with pytest.raises(MalformedResponse, match=message):
         parse(line)
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_query_names_the_port_out_of_range(port: int) -> None:
+    with pytest.raises(ValueError, match=f"^port {port} is not in 1-65535$"):
+        build_query(port, 23)

@@ -168,3 +168,8 @@ def test_both_built_in_policies_provide_their_interfaces(tmp_path):
         assert verifyObject(IPolicy, policy)
         assert verifyObject(IEarlyRefusal, policy)
 
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+def test_verdict_reason_for_a_confirmed_user(mode: IdentMode) -> None:
+    assert verdict(mode, "root", user("root")).reason == "ident confirmed user"
