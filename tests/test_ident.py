@@ -313,3 +313,13 @@ def test_other_whitespace_around_tokens_is_malformed(line: bytes, message: str) 
 def test_query_names_the_port_out_of_range(port: int) -> None:
     with pytest.raises(ValueError, match=f"^port {port} is not in 1-65535$"):
         build_query(port, 23)
+
+
+def test_a_long_malformed_reply_is_quoted_to_80_bytes() -> None:
+    line = b"x" * 81
+    with pytest.raises(MalformedResponse) as long_reply:
+        parse(line)
+    assert str(long_reply.value) == "too few fields in " + repr(b"x" * 80) + "..."
+    with pytest.raises(MalformedResponse) as short_reply:
+        parse(b"x" * 80)
+    assert str(short_reply.value) == "too few fields in " + repr(b"x" * 80)

@@ -355,3 +355,15 @@ def test_early_data_with_a_nul_after_a_socks4_request_stays_early_data():
     request = parser.feed(CONNECT + b"\x00x\x00")
     assert request is not None and request.user_id == "alice"
     assert parser.leftover == b"\x00x\x00"
+
+
+@pytest.mark.parametrize("first", [b"G", b"G/", b"P ", b"C1"])
+def test_one_letter_is_enough_to_answer_as_to_an_http_client(first):
+    from socksident.socks4 import HTTP_NOT_A_WEB_PROXY, foreign_protocol_answer
+
+    assert foreign_protocol_answer(first) == (HTTP_NOT_A_WEB_PROXY, "what looks like HTTP")
+
+
+def test_a_short_reply_is_named_by_its_length():
+    with pytest.raises(ValueError, match="^a reply is 8 bytes, got 7$"):
+        parse_reply(b"\x00" * 7)
