@@ -323,3 +323,15 @@ def test_a_long_malformed_reply_is_quoted_to_80_bytes() -> None:
     with pytest.raises(MalformedResponse) as short_reply:
         parse(b"x" * 80)
     assert str(short_reply.value) == "too few fields in " + repr(b"x" * 80)
+
+
+def test_the_reader_holds_nothing_once_it_has_its_answer() -> None:
+    reader = ResponseReader(CLIENT_PORT, SERVER_PORT)
+    assert reader.feed(b"6191 , 23 : USERID : UNIX : alice\r\n") == user("alice")
+    assert reader.buffered == 0
+
+
+def test_an_invalid_port_is_quoted_with_all_but_spaces_and_tabs() -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(b" 6191\x0b\t, 23 : USERID : UNIX : alice")
+    assert str(error.value) == "invalid port '6191\\x0b'"

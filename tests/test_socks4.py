@@ -367,3 +367,7 @@ def test_one_letter_is_enough_to_answer_as_to_an_http_client(first):
 def test_a_short_reply_is_named_by_its_length():
     with pytest.raises(ValueError, match="^a reply is 8 bytes, got 7$"):
         parse_reply(b"\x00" * 7)
+
+
+def test_build_request_without_a_user_id_sends_an_empty_one():
+    assert build_request(Command.CONNECT, 80, "192.0.2.7") == bytes([4, 1, 0, 80, 192, 0, 2, 7, 0])
