@@ -335,3 +335,16 @@ def test_an_invalid_port_is_quoted_with_all_but_spaces_and_tabs() -> None:
     with pytest.raises(MalformedResponse) as error:
         parse(b" 6191\x0b\t, 23 : USERID : UNIX : alice")
     assert str(error.value) == "invalid port '6191\\x0b'"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"6191 , 23 : USERID : UNIX : al\rice", "CR or LF inside the reply line"),
+        (b"6191 , 23 : ERROR : NO-USER : x", "colon in the ERROR type"),
+    ],
+)
+def test_malformed_reply_messages_exactly(line: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(line)
+    assert str(error.value) == message

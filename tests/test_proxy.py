@@ -282,3 +282,13 @@ def test_v2_builder_carries_tlvs_of_any_16_bit_length(source: tuple[str, int] | 
     data = build_v2(source, ("192.0.2.1", 1080) if source else None, tlvs=tlvs)
     assert struct.unpack_from("!H", data, 14)[0] == len(data) - 16
     assert data.endswith(tlvs)
+
+
+def test_leftover_is_empty_before_any_header() -> None:
+    assert HeaderParser().leftover == b""
+
+
+def test_v1_line_with_a_bare_lf_says_so_exactly() -> None:
+    with pytest.raises(MalformedHeader) as error:
+        HeaderParser().feed(b"PROXY UNKNOWN\n")
+    assert str(error.value) == "PROXY v1 line ends without CRLF"
