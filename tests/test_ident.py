@@ -348,3 +348,18 @@ def test_malformed_reply_messages_exactly(line: bytes, message: str) -> None:
     with pytest.raises(MalformedResponse) as error:
         parse(line)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"6191 , 23 : USERID : UNIX :  \t", "empty user id"),
+        (b"6191 , 23 : USERID : UNIX : al\x00ice", "NUL in the user id"),
+        (b"6191 , 23 : USERID : UNIX", "USERID reply without a user id field"),
+        (b"6191 , 23 : USERID : UNIX , UTF-8 , X : alice", "more than one comma in the OPSYS field"),
+    ],
+)
+def test_more_malformed_reply_messages_exactly(line: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(line)
+    assert str(error.value) == message

@@ -230,3 +230,8 @@ def test_check_ident_granted_without_an_answer_gives_the_verdicts_reason():
     assert decision.code is ReplyCode.GRANTED
     assert decision.reason == verdict(IdentMode.CHECK, "root", answer).reason
     assert decision.reason != "rule 3 permits"
+
+
+def test_default_policy_names_why_a_public_client_is_refused():
+    assert decide("192.0.2.9", "192.0.2.7").reason == (
+        "default policy: client is not on loopback or a private network")

@@ -371,3 +371,23 @@ def test_a_short_reply_is_named_by_its_length():
 
 def test_build_request_without_a_user_id_sends_an_empty_one():
     assert build_request(Command.CONNECT, 80, "192.0.2.7") == bytes([4, 1, 0, 80, 192, 0, 2, 7, 0])
+
+
+def test_leftover_is_empty_before_the_request():
+    assert RequestParser().leftover == b""
+
+
+def test_not_socks4_keeps_the_first_16_bytes():
+    with pytest.raises(NotSocks4) as error:
+        RequestParser().feed(b"\x05" + b"x" * 30)
+    assert error.value.first_bytes == b"\x05" + b"x" * 15
+
+
+def test_only_one_trailing_dot_is_dropped_from_a_host_name():
+    with pytest.raises(InvalidHostname):
+        RequestParser().feed(HEADER_4A + b"bob\x00a.b..\x00")
+
+
+def test_a_trailing_dot_is_all_that_is_stripped_from_a_host_name():
+    request = RequestParser().feed(HEADER_4A + b"bob\x00BOX.\x00")
+    assert request is not None and request.hostname == "box"
