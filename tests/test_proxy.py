@@ -292,3 +292,39 @@ def test_v1_line_with_a_bare_lf_says_so_exactly() -> None:
     with pytest.raises(MalformedHeader) as error:
         HeaderParser().feed(b"PROXY UNKNOWN\n")
     assert str(error.value) == "PROXY v1 line ends without CRLF"
+
+
+@pytest.mark.parametrize(
+    "family_protocol, family",
+    [(0x10, "UNSPEC"), (0x20, "UNSPEC"), (0x12, "UDP4"), (0x22, "UDP6")],
+)
+def test_v2_inet_families_over_other_protocols_carry_no_tcp_addresses(family_protocol, family):
+    body = b"\x00" * 36
+    data = V2_SIGNATURE + struct.pack("!BBH", 0x21, family_protocol, len(body)) + body
+    header = HeaderParser().feed(data)
+    assert header == ProxyHeader(2, ProxyCommand.PROXY, family)
+
+
+def test_v2_length_is_unsigned_16_bits() -> None:
+    data = V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 0xFFFF)
+    with pytest.raises(MalformedHeader) as error:
+        HeaderParser().feed(data)
+    assert str(error.value) == f"PROXY v2 header of 65535 bytes (limit {MAX_V2_LENGTH})"
+
+
+@pytest.mark.parametrize(
+    "data, first",
+    [(b"\r\n\r\n\x00\r\nQXIT\n", b"\r\n\r\n\x00\r\nQ"), (b"GET / HTTP/1.0", b"GET / HT")],
+)
+def test_no_proxy_header_quotes_exactly_eight_bytes(data: bytes, first: bytes) -> None:
+    with pytest.raises(NoProxyHeader) as error:
+        HeaderParser().feed(data)
+    assert str(error.value) == f"no PROXY header: the connection starts with {first!r}"
+
+
+def test_feeding_a_complete_parser_says_so() -> None:
+    parser = HeaderParser()
+    parser.feed(b"PROXY UNKNOWN\r\n")
+    with pytest.raises(RuntimeError) as error:
+        parser.feed(b"x")
+    assert str(error.value) == "the header is already complete"
