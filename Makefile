@@ -9,7 +9,7 @@ ARGS    ?=
 # and systemd-analyze for the service units.
 TEST_DEBS := curl oidentd dante-client dante-server iproute2 util-linux netbase gcc haproxy systemd
 
-.PHONY: run test test-unit test-tools typecheck venv bench bench-full bench-relay bench-tools clean fuzz fuzz-ci soak
+.PHONY: run test test-unit test-tools typecheck venv mutate mutate-score bench bench-full bench-relay bench-tools clean fuzz fuzz-ci soak
 
 venv: $(STAMP)
 
@@ -70,6 +70,20 @@ typecheck: $(STAMP)
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -ra tests --ignore=tests/integration
 
+# Mutation testing (mutmut, configured in setup.cfg [mutmut]) against the unit
+# tests; not part of `make test`: the whole package takes long.  Name modules to
+# mutate only those: `make mutate MUTATE="socksident/socks4.py socksident/ident.py"`.
+# The score per module discounts the mutants listed in tests/mutation/equivalent.txt.
+MUTATE ?=
+MUTATE_NAMES = $(if $(strip $(MUTATE)),$(foreach m,$(MUTATE),'$(subst /,.,$(m:.py=)).*'),'socksident.*')
+
+mutate: $(STAMP)
+	ulimit -s unlimited 2>/dev/null || true; $(VENV)/bin/mutmut run $(MUTATE_NAMES) > mutants.log 2>&1 || { tail -n 40 mutants.log; exit 1; }
+	$(PYTHON) tests/mutation/score.py $(MUTATE)
+
+mutate-score: $(STAMP)
+	$(PYTHON) tests/mutation/score.py $(MUTATE)
+
 # The benchmark (benchmarks/bench.py): never part of `make test`.  It installs
 # what it compares against: Dante, oidentd, gcc for its C load generator, and
 # matplotlib for its plot.
@@ -94,4 +108,4 @@ bench-relay: $(STAMP)
 	$(PYTHON) benchmarks/relay_throughput.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache mutants mutants.log

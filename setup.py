@@ -14,7 +14,7 @@ setup(
     extras_require={
         "metrics": ["prometheus_client"],
         "test": ["pytest", "pytest-twisted", "pysocks", "python-socks", "hypothesis",
-                 "prometheus_client"],
+                 "prometheus_client", "mutmut==3.8.*"],
         "fuzz": ["atheris"],
         "typecheck": ["mypy==2.4.1", "mypy-zope==1.0.17"],
         "bench": ["matplotlib"],

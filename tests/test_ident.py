@@ -307,3 +307,59 @@ def test_only_spaces_and_tabs_are_trimmed_from_the_user_id() -> None:
 def test_other_whitespace_around_tokens_is_malformed(line: bytes, message: str) -> None:
     with pytest.raises(MalformedResponse, match=message):
         parse(line)
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_query_names_the_port_out_of_range(port: int) -> None:
+    with pytest.raises(ValueError, match=f"^port {port} is not in 1-65535$"):
+        build_query(port, 23)
+
+
+def test_a_long_malformed_reply_is_quoted_to_80_bytes() -> None:
+    line = b"x" * 81
+    with pytest.raises(MalformedResponse) as long_reply:
+        parse(line)
+    assert str(long_reply.value) == "too few fields in " + repr(b"x" * 80) + "..."
+    with pytest.raises(MalformedResponse) as short_reply:
+        parse(b"x" * 80)
+    assert str(short_reply.value) == "too few fields in " + repr(b"x" * 80)
+
+
+def test_the_reader_holds_nothing_once_it_has_its_answer() -> None:
+    reader = ResponseReader(CLIENT_PORT, SERVER_PORT)
+    assert reader.feed(b"6191 , 23 : USERID : UNIX : alice\r\n") == user("alice")
+    assert reader.buffered == 0
+
+
+def test_an_invalid_port_is_quoted_with_all_but_spaces_and_tabs() -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(b" 6191\x0b\t, 23 : USERID : UNIX : alice")
+    assert str(error.value) == "invalid port '6191\\x0b'"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"6191 , 23 : USERID : UNIX : al\rice", "CR or LF inside the reply line"),
+        (b"6191 , 23 : ERROR : NO-USER : x", "colon in the ERROR type"),
+    ],
+)
+def test_malformed_reply_messages_exactly(line: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(line)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"6191 , 23 : USERID : UNIX :  \t", "empty user id"),
+        (b"6191 , 23 : USERID : UNIX : al\x00ice", "NUL in the user id"),
+        (b"6191 , 23 : USERID : UNIX", "USERID reply without a user id field"),
+        (b"6191 , 23 : USERID : UNIX , UTF-8 , X : alice", "more than one comma in the OPSYS field"),
+    ],
+)
+def test_more_malformed_reply_messages_exactly(line: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse) as error:
+        parse(line)
+    assert str(error.value) == message

@@ -168,3 +168,70 @@ def test_both_built_in_policies_provide_their_interfaces(tmp_path):
         assert verifyObject(IPolicy, policy)
         assert verifyObject(IEarlyRefusal, policy)
 
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+def test_verdict_reason_for_a_confirmed_user(mode: IdentMode) -> None:
+    assert verdict(mode, "root", user("root")).reason == "ident confirmed user"
+
+
+@pytest.mark.parametrize(
+    "client, addresses, reason",
+    [
+        ("127.0.0.1", ("192.0.2.7",), "default policy: loopback client"),
+        ("10.0.0.9", ("192.0.2.7",), "default policy: private-network client"),
+        ("10.0.0.9", ("127.0.0.1",),
+         "default policy: private clients may not reach the proxy's loopback"),
+    ],
+)
+def test_default_policy_says_which_rule_decided(client, addresses, reason):
+    assert decide(client, *addresses).reason == reason
+
+
+def decide_with_ident(mode: IdentMode, request_user: str, answer: IdentAnswer) -> Decision:
+    from socksident.policy import check_ident
+    from twisted.internet.defer import succeed
+
+    context = PolicyContext("10.0.0.9", 5000, "10.0.0.1", 1080, ("192.0.2.7",),
+                            lambda: succeed(answer))
+    decisions: list = []
+    result = check_ident(mode, Request(Command.CONNECT, 80, "192.0.2.7", request_user),
+                         context, "rule 3 permits", "rule 3")
+    if isinstance(result, Decision):
+        return result
+    result.addCallback(decisions.append)
+    [decision] = decisions
+    return decision
+
+
+def test_check_ident_off_keeps_the_policys_reason():
+    decision = decide_with_ident(IdentMode.OFF, "root", user("root"))
+    assert (decision.code, decision.reason, decision.rule) == (
+        ReplyCode.GRANTED, "rule 3 permits", "rule 3")
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+def test_check_ident_confirmed_keeps_the_policys_reason(mode):
+    decision = decide_with_ident(mode, "root", user("root"))
+    assert (decision.code, decision.reason) == (ReplyCode.GRANTED, "rule 3 permits")
+
+
+@pytest.mark.parametrize("mode", [IdentMode.REQUIRE, IdentMode.CHECK])
+def test_check_ident_mismatch_gives_the_verdicts_reason(mode):
+    answer = user("Root")
+    decision = decide_with_ident(mode, "root", answer)
+    assert decision.code is ReplyCode.IDENT_MISMATCH
+    assert decision.reason == verdict(mode, "root", answer).reason
+
+
+def test_check_ident_granted_without_an_answer_gives_the_verdicts_reason():
+    answer = IdentAnswer(IdentOutcome.NO_ANSWER, error="timed out")
+    decision = decide_with_ident(IdentMode.CHECK, "root", answer)
+    assert decision.code is ReplyCode.GRANTED
+    assert decision.reason == verdict(IdentMode.CHECK, "root", answer).reason
+    assert decision.reason != "rule 3 permits"
+
+
+def test_default_policy_names_why_a_public_client_is_refused():
+    assert decide("192.0.2.9", "192.0.2.7").reason == (
+        "default policy: client is not on loopback or a private network")

@@ -17,6 +17,7 @@ from socksident.proxy import (
     ProxyHeader,
     build_v1,
     build_v2,
+    parse_v1_line,
 )
 
 SOCKS = b"\x04\x01\x00\x50\xc0\x00\x02\x07alice\x00"
@@ -196,3 +197,134 @@ def test_the_parser_reads_no_further_than_its_header():
     assert parser.leftover == SOCKS
     with pytest.raises(RuntimeError):
         parser.feed(b"more")
+
+
+# -- edges the mutation run found unchecked ----------------------------------------------
+
+
+@pytest.mark.parametrize("port", [b"080", b"01", b"00", b"065535"])
+def test_v1_port_with_a_leading_zero_is_malformed(port: bytes) -> None:
+    line = b"PROXY TCP4 203.0.113.5 192.0.2.1 " + port + b" 1080\r\n"
+    with pytest.raises(MalformedHeader, match=f"^PROXY v1 header with port {port!r}$"):
+        HeaderParser().feed(line)
+
+
+def test_v1_port_zero_is_a_port() -> None:
+    header = HeaderParser().feed(b"PROXY TCP4 203.0.113.5 192.0.2.1 0 1080\r\n")
+    assert header is not None and header.source == ("203.0.113.5", 0)
+
+
+@pytest.mark.parametrize("port", [b"65536", b"99999", b"100000"])
+def test_v1_port_above_65535_names_the_port(port: bytes) -> None:
+    line = b"PROXY TCP4 203.0.113.5 192.0.2.1 40000 " + port + b"\r\n"
+    with pytest.raises(MalformedHeader, match=f"^PROXY v1 header with port {port!r}$"):
+        HeaderParser().feed(line)
+
+
+@pytest.mark.parametrize("line", [b"PROXY", b"PROXI TCP4 1.2.3.4 1.2.3.5 1 2"])
+def test_v1_line_without_the_proxy_word_and_a_family_is_malformed(line: bytes) -> None:
+    with pytest.raises(MalformedHeader, match=r"^PROXY v1 line b'PROX"):
+        parse_v1_line(line)
+
+
+def test_v1_line_with_too_few_fields_is_quoted() -> None:
+    with pytest.raises(MalformedHeader, match=r"^PROXY v1 line b'PROXY TCP4 1\.2\.3\.4'$"):
+        parse_v1_line(b"PROXY TCP4 1.2.3.4")
+
+
+@pytest.mark.parametrize("family", [b"TCP\xff", b"\xe9TCP4"])
+def test_v1_non_ascii_family_is_malformed_and_quoted(family: bytes) -> None:
+    with pytest.raises(MalformedHeader, match=r"^PROXY v1 header with protocol b'"):
+        parse_v1_line(b"PROXY " + family + b" 1.2.3.4 1.2.3.5 1 2")
+    try:
+        parse_v1_line(b"PROXY " + family + b" 1.2.3.4 1.2.3.5 1 2")
+    except MalformedHeader as error:
+        assert repr(family) in str(error)
+
+
+def test_v1_line_longer_than_the_limit_is_refused_even_with_its_crlf() -> None:
+    line = b"PROXY UNKNOWN " + b"x" * MAX_V1_LENGTH + b"\r\n"
+    with pytest.raises(MalformedHeader, match="longer than"):
+        HeaderParser().feed(line)
+
+
+def test_v1_header_ends_at_its_first_crlf() -> None:
+    parser = HeaderParser()
+    header = parser.feed(b"PROXY UNKNOWN\r\nGET / HTTP/1.0\r\n\r\n")
+    assert header is not None and header.family == "UNKNOWN"
+    assert parser.leftover == b"GET / HTTP/1.0\r\n\r\n"
+
+
+def test_no_proxy_header_quotes_the_first_eight_bytes() -> None:
+    with pytest.raises(NoProxyHeader) as v1:
+        HeaderParser().feed(b"PRXY TCP4 1.2.3.4")
+    assert str(v1.value) == "no PROXY header: the connection starts with b'PRXY TCP'"
+
+
+def test_v2_unspec_without_addresses_is_exactly_the_fixed_part() -> None:
+    assert build_v2() == V2_SIGNATURE + b"\x21\x00\x00\x00"
+    assert build_v2(("192.0.2.1", 1), None) == V2_SIGNATURE + b"\x21\x00\x00\x00"
+    assert build_v2(None, ("192.0.2.1", 1), local=True) == V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+def test_v2_ipv6_addresses_are_tcp6() -> None:
+    data = build_v2(("2001:db8::5", 40000), ("2001:db8::1", 1080))
+    assert data[13] == 0x21
+    header = HeaderParser().feed(data)
+    assert header == ProxyHeader(
+        2, ProxyCommand.PROXY, "TCP6", ("2001:db8::5", 40000), ("2001:db8::1", 1080)
+    )
+
+
+@pytest.mark.parametrize("source", [None, ("192.0.2.5", 40000)])
+def test_v2_builder_carries_tlvs_of_any_16_bit_length(source: tuple[str, int] | None) -> None:
+    tlvs = b"\x00" * 40000
+    data = build_v2(source, ("192.0.2.1", 1080) if source else None, tlvs=tlvs)
+    assert struct.unpack_from("!H", data, 14)[0] == len(data) - 16
+    assert data.endswith(tlvs)
+
+
+def test_leftover_is_empty_before_any_header() -> None:
+    assert HeaderParser().leftover == b""
+
+
+def test_v1_line_with_a_bare_lf_says_so_exactly() -> None:
+    with pytest.raises(MalformedHeader) as error:
+        HeaderParser().feed(b"PROXY UNKNOWN\n")
+    assert str(error.value) == "PROXY v1 line ends without CRLF"
+
+
+@pytest.mark.parametrize(
+    "family_protocol, family",
+    [(0x10, "UNSPEC"), (0x20, "UNSPEC"), (0x12, "UDP4"), (0x22, "UDP6")],
+)
+def test_v2_inet_families_over_other_protocols_carry_no_tcp_addresses(family_protocol, family):
+    body = b"\x00" * 36
+    data = V2_SIGNATURE + struct.pack("!BBH", 0x21, family_protocol, len(body)) + body
+    header = HeaderParser().feed(data)
+    assert header == ProxyHeader(2, ProxyCommand.PROXY, family)
+
+
+def test_v2_length_is_unsigned_16_bits() -> None:
+    data = V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 0xFFFF)
+    with pytest.raises(MalformedHeader) as error:
+        HeaderParser().feed(data)
+    assert str(error.value) == f"PROXY v2 header of 65535 bytes (limit {MAX_V2_LENGTH})"
+
+
+@pytest.mark.parametrize(
+    "data, first",
+    [(b"\r\n\r\n\x00\r\nQXIT\n", b"\r\n\r\n\x00\r\nQ"), (b"GET / HTTP/1.0", b"GET / HT")],
+)
+def test_no_proxy_header_quotes_exactly_eight_bytes(data: bytes, first: bytes) -> None:
+    with pytest.raises(NoProxyHeader) as error:
+        HeaderParser().feed(data)
+    assert str(error.value) == f"no PROXY header: the connection starts with {first!r}"
+
+
+def test_feeding_a_complete_parser_says_so() -> None:
+    parser = HeaderParser()
+    parser.feed(b"PROXY UNKNOWN\r\n")
+    with pytest.raises(RuntimeError) as error:
+        parser.feed(b"x")
+    assert str(error.value) == "the header is already complete"

@@ -279,3 +279,115 @@ def test_reply_address_holds_ipv4_only(host, announced):
     from socksident.socks4 import reply_address
 
     assert reply_address(host) == announced
+
+
+# The field limits hold the same whether the NUL comes in the same read or a
+# later one: a field of exactly the limit waits for its NUL, one byte more is
+# refused before it arrives.
+HEADER = bytes([4, 1, 0x1F, 0x90, 192, 0, 2, 7])
+HEADER_4A = bytes([4, 1, 0, 80, 0, 0, 0, 1])
+LONGEST_NAME = b".".join([b"a" * 63] * 4)  # 255 bytes, labels of 63
+
+
+def test_user_id_of_the_limit_waits_for_its_nul_in_a_later_read():
+    parser = RequestParser()
+    assert parser.feed(HEADER + b"u" * 255) is None
+    request = parser.feed(b"\x00")
+    assert request is not None and request.user_id == "u" * 255
+
+
+def test_user_id_one_past_the_limit_is_refused_before_its_nul():
+    parser = RequestParser()
+    assert parser.feed(HEADER + b"u" * 255) is None
+    with pytest.raises(FieldTooLong):
+        parser.feed(b"u")
+
+
+def test_user_id_limit_is_the_parsers_own_while_the_nul_is_missing():
+    parser = RequestParser(max_user_id_length=4)
+    assert parser.feed(HEADER + b"abcd") is None
+    with pytest.raises(FieldTooLong):
+        parser.feed(b"e")
+
+
+def test_hostname_of_the_limit_waits_for_its_nul_in_a_later_read():
+    assert len(LONGEST_NAME) == 255
+    parser = RequestParser()
+    assert parser.feed(HEADER_4A + b"bob\x00" + LONGEST_NAME) is None
+    request = parser.feed(b"\x00")
+    assert request is not None and request.hostname == LONGEST_NAME.decode()
+
+
+def test_hostname_one_past_the_limit_is_refused_before_its_nul():
+    parser = RequestParser()
+    assert parser.feed(HEADER_4A + b"bob\x00" + LONGEST_NAME) is None
+    with pytest.raises(FieldTooLong):
+        parser.feed(b"a")
+
+
+def test_hostname_of_the_limit_in_one_read_is_accepted_and_one_more_is_not():
+    request = RequestParser().feed(HEADER_4A + b"bob\x00" + LONGEST_NAME + b"\x00")
+    assert request is not None and request.hostname == LONGEST_NAME.decode()
+    with pytest.raises(FieldTooLong):
+        RequestParser().feed(HEADER_4A + b"bob\x00" + LONGEST_NAME + b"a\x00")
+
+
+def test_hostname_limit_is_the_parsers_own():
+    parser = RequestParser(max_hostname_length=3)
+    assert parser.feed(HEADER_4A + b"bob\x00abc") is None
+    with pytest.raises(FieldTooLong):
+        parser.feed(b"d")
+    with pytest.raises(FieldTooLong):
+        RequestParser(max_hostname_length=3).feed(HEADER_4A + b"bob\x00abcd\x00")
+
+
+def test_early_data_with_a_nul_after_a_socks4a_request_stays_early_data():
+    parser = RequestParser()
+    request = parser.feed(CONNECT_4A + b"GET\x00/\x00")
+    assert request is not None
+    assert request.user_id == "bob"
+    assert request.hostname == "example.com"
+    assert parser.leftover == b"GET\x00/\x00"
+
+
+def test_early_data_with_a_nul_after_a_socks4_request_stays_early_data():
+    parser = RequestParser()
+    request = parser.feed(CONNECT + b"\x00x\x00")
+    assert request is not None and request.user_id == "alice"
+    assert parser.leftover == b"\x00x\x00"
+
+
+@pytest.mark.parametrize("first", [b"G", b"G/", b"P ", b"C1"])
+def test_one_letter_is_enough_to_answer_as_to_an_http_client(first):
+    from socksident.socks4 import HTTP_NOT_A_WEB_PROXY, foreign_protocol_answer
+
+    assert foreign_protocol_answer(first) == (HTTP_NOT_A_WEB_PROXY, "what looks like HTTP")
+
+
+def test_a_short_reply_is_named_by_its_length():
+    with pytest.raises(ValueError, match="^a reply is 8 bytes, got 7$"):
+        parse_reply(b"\x00" * 7)
+
+
+def test_build_request_without_a_user_id_sends_an_empty_one():
+    assert build_request(Command.CONNECT, 80, "192.0.2.7") == bytes([4, 1, 0, 80, 192, 0, 2, 7, 0])
+
+
+def test_leftover_is_empty_before_the_request():
+    assert RequestParser().leftover == b""
+
+
+def test_not_socks4_keeps_the_first_16_bytes():
+    with pytest.raises(NotSocks4) as error:
+        RequestParser().feed(b"\x05" + b"x" * 30)
+    assert error.value.first_bytes == b"\x05" + b"x" * 15
+
+
+def test_only_one_trailing_dot_is_dropped_from_a_host_name():
+    with pytest.raises(InvalidHostname):
+        RequestParser().feed(HEADER_4A + b"bob\x00a.b..\x00")
+
+
+def test_a_trailing_dot_is_all_that_is_stripped_from_a_host_name():
+    request = RequestParser().feed(HEADER_4A + b"bob\x00BOX.\x00")
+    assert request is not None and request.hostname == "box"
