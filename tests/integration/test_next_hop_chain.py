@@ -32,7 +32,7 @@ from socksident.accesslog import AccessRecord
 from socksident.nexthop import NextHop
 from socksident.server import SOCKS4ServerFactory
 from socksident.socks4 import RequestRejectedOrFailed
-from tests.integration.conftest import LOOPBACK, SpeakThenHalfClose, bounded
+from tests.integration.conftest import LOOPBACK, SpeakThenHalfClose, bounded, wait_until
 
 # Twisted's ssl: endpoint hands pyOpenSSL objects to pyOpenSSL; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
@@ -379,3 +379,35 @@ async def test_via_direct_keeps_an_unresolvable_name_from_the_hop(
     assert last.asked == []  # the hop was never asked
     record = by_listener(access_events)[a]
     assert record.next_hop is None and "forbids the next hop (via=direct)" in record.reason
+
+
+class Garbage(Protocol):
+    """A 'next hop' that answers a SOCKS4 request with eight bytes that are no reply."""
+
+    closed: list["Garbage"] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.0")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        Garbage.closed.append(self)
+
+
+@pytest.mark.parametrize("kind", ["down", "garbage"])
+@pytest_twisted.ensureDeferred
+async def test_a_hop_that_is_down_or_speaks_garbage_is_91(
+    kind, listen_tcp, unused_tcp_port, listening, access_events
+):
+    Garbage.closed.clear()
+    port = unused_tcp_port if kind == "down" else listen_tcp(Factory.forProtocol(Garbage))
+    hop = f"tcp:{LOOPBACK}:{port}"
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), hop))
+    with pytest.raises(RequestRejectedOrFailed) as info:
+        await round_trip(a, 1)
+    assert info.value.code == 91
+    record = by_listener(access_events)[a]
+    assert record.next_hop == hop and record.replies == (91,)
+    expected = "unreachable: " if kind == "down" else "bad reply: "
+    assert record.next_hop_reply.startswith(expected), record.next_hop_reply
+    if kind == "garbage":  # and we closed our connection to it
+        await wait_until(lambda: len(Garbage.closed) == 1, 5, "the hop connection to close")
