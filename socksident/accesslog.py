@@ -11,7 +11,7 @@ the JSON access log, metrics).  `emit` publishes it on the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from twisted.logger import Logger
 
@@ -20,7 +20,16 @@ from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.policy import Decision
 from socksident.socks4 import Command, ReplyCode, Request, SOCKS4Refusal
 
-__all__ = ["ACCESS_NAMESPACE", "FIELDS", "AccessRecord", "access_fields", "emit", "ident_summary"]
+__all__ = [
+    "ACCESS_NAMESPACE",
+    "FIELDS",
+    "AccessRecord",
+    "ChainOutcome",
+    "RelayCounts",
+    "access_fields",
+    "emit",
+    "ident_summary",
+]
 
 ACCESS_NAMESPACE = "socksident.access"
 _access_log = Logger(namespace=ACCESS_NAMESPACE)
@@ -38,6 +47,41 @@ def ident_summary(answer: Optional[IdentAnswer]) -> str:
     if answer.outcome is IdentOutcome.ERROR:
         return f"error:{answer.error}"
     return "no-answer"
+
+
+class ChainOutcome(Protocol):
+    """What a record reads from a request's chain (`establish.Establishment`)."""
+
+    @property
+    def decision(self) -> Optional[Decision]: ...
+
+    @property
+    def ident_answer(self) -> Optional[IdentAnswer]: ...
+
+    @property
+    def destination_address(self) -> Optional[str]: ...
+
+    @property
+    def next_hop_name(self) -> Optional[str]: ...
+
+    @property
+    def hop_reply(self) -> Optional[str]: ...
+
+
+class RelayCounts(Protocol):
+    """What a record reads from a finished relay (`relay.Relay`)."""
+
+    @property
+    def bytes_up(self) -> int: ...
+
+    @property
+    def bytes_down(self) -> int: ...
+
+    @property
+    def cut_off(self) -> Optional[str]: ...
+
+    @property
+    def dropped(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +115,46 @@ class AccessRecord:
     next_hop: Optional[str] = None  # the next hop the request went to, if any
     next_hop_reply: Optional[str] = None  # what it answered: "90", "91", "unreachable: ..."
     time_to_grant: Optional[float] = None  # seconds from accept to the (last) reply 90
+
+    @classmethod
+    def of(
+        cls,
+        connection: ConnectionInfo,
+        request: Optional[Request],
+        chain: Optional[ChainOutcome],
+        relay: Optional[RelayCounts],
+        *,
+        replies: tuple[ReplyCode, ...],
+        reason: Optional[str],
+        refusal: Optional[SOCKS4Refusal],
+        started: float,
+        duration: float,
+        time_to_grant: Optional[float],
+    ) -> "AccessRecord":
+        """The record of a connection whose chain and relay (if it got that
+        far) are done; `reason` None: the decision's."""
+        decision = chain.decision if chain is not None else None
+        if reason is None:
+            reason = decision.reason if decision is not None else ""
+        return cls(
+            connection=connection,
+            request=request,
+            decision=decision,
+            ident=chain.ident_answer if chain is not None else None,
+            replies=replies,
+            reason=reason,
+            refusal=refusal,
+            address=chain.destination_address if chain is not None else None,
+            bytes_up=relay.bytes_up if relay is not None else 0,
+            bytes_down=relay.bytes_down if relay is not None else 0,
+            started=started,
+            duration=duration,
+            cut_off=relay.cut_off if relay is not None else None,
+            dropped=relay.dropped if relay is not None else 0,
+            next_hop=chain.next_hop_name if chain is not None else None,
+            next_hop_reply=chain.hop_reply if chain is not None else None,
+            time_to_grant=time_to_grant,
+        )
 
     @property
     def code(self) -> Optional[ReplyCode]:

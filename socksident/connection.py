@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from socksident.address import host_and_port
+from socksident.proxy import ProxyHeader
+from socksident.socks4 import RequestRejectedOrFailed
 
 __all__ = ["ConnectionInfo"]
 
@@ -42,13 +44,18 @@ class ConnectionInfo:
         local_host, local_port = host_and_port(transport.getHost())
         return cls(client_host, client_port, local_host, local_port, local_host, local_port)
 
-    def with_header(
-        self, source: tuple[str, int], destination: tuple[str, int]
-    ) -> "ConnectionInfo":
+    def behind(self, header: ProxyHeader) -> "ConnectionInfo":
         """The client and listener a PROXY header names; the socket's peer becomes `via`.
 
-        The local end stays the socket's: only that is an address of this host.
+        The local end stays the socket's: only that is an address of this
+        host.  A PROXY header without a TCP client (UNIX, UNSPEC) names no
+        one a rule or identd could judge: that is a refusal (91).
         """
+        source, destination = header.source, header.destination
+        if source is None or destination is None:
+            raise RequestRejectedOrFailed(
+                f"PROXY v{header.version} header names no TCP client ({header.family})"
+            )
         return replace(
             self,
             client_host=source[0],

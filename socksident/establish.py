@@ -3,10 +3,10 @@
 `Establishment.start()` is the chain of Deferreds the design card asks for:
 resolve a SOCKS4A name, ask the policy (which may ask identd), then connect,
 go through the next hop, or listen and accept a BIND.  It knows nothing of
-the client's transport, replies or records: the protocol (`server.py`)
-owns those, cancels the chain when something ends it early, and reads
-what was decided here (`decision`, `destination_address`, `via`,
-`hop_reply`, `ident`) for its access record.
+the client's transport, replies or records: the protocol
+(`serverprotocol.py`) owns those, cancels the chain when something ends it
+early, and the access record reads what was decided here (`decision`,
+`destination_address`, `next_hop_name`, `hop_reply`, `ident_answer`).
 """
 
 from __future__ import annotations
@@ -93,6 +93,32 @@ class Establishment:
         if self.decision is not None and self.decision.ident is not None:
             return self.decision.ident
         return self.ident.answer if self.ident is not None else None
+
+    @property
+    def next_hop_name(self) -> Optional[str]:
+        """The next hop the request went to, as the access record names it."""
+        return self.via.name if self.via is not None else None
+
+    # -- once granted -------------------------------------------------------------
+
+    def track_open_connect(self, delta: int) -> None:
+        """A granted CONNECT's relay starts (+1) or ends (-1): BIND checks that
+        its client has one open to the application server."""
+        if self.request.command is Command.CONNECT and self.destination_address is not None:
+            self.shared.open_connects.count(
+                self.connection.client_host, self.destination_address, delta
+            )
+
+    def run_on_granted(self) -> None:
+        """The decision's `on_granted` (a rule's command), once the 90 is sent."""
+        assert self.decision is not None
+        if self.decision.on_granted is not None:
+            try:
+                self.decision.on_granted()
+            except Exception:
+                log.failure(
+                    "the policy's on_granted for {client} failed", client=self.connection.client
+                )
 
     # -- the policy -------------------------------------------------------------
 

@@ -4,11 +4,11 @@ limits (`--max-connections`, `--max-per-host`) are checked against."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from socksident.socks4 import RequestRejectedOrFailed
 
-__all__ = ["Admissions", "LimitReached", "LiveCounts"]
+__all__ = ["Admission", "Admissions", "LimitReached", "LiveCounts"]
 
 
 class LimitReached(RequestRejectedOrFailed):
@@ -58,6 +58,11 @@ class Admissions:
         self.per_host[host] = held + 1
         return None
 
+    def take(self, host: str, max_total: int, max_per_host: int) -> Union["Admission", LimitReached]:
+        """`admit`, as a place to hand back once (or the refusal)."""
+        refusal = self.admit(host, max_total, max_per_host)
+        return refusal if refusal is not None else Admission(self, host)
+
     def release(self, host: str) -> None:
         """An admitted connection from `host` has ended."""
         self.total -= 1
@@ -66,3 +71,17 @@ class Admissions:
             self.per_host[host] = left
         else:
             del self.per_host[host]
+
+
+class Admission:
+    """One connection's place under the limits; whatever ends the
+    connection, and however often, the place is handed back once."""
+
+    def __init__(self, admissions: Admissions, host: str) -> None:
+        self._admissions: Optional[Admissions] = admissions
+        self.host = host
+
+    def release(self) -> None:
+        if self._admissions is not None:
+            self._admissions.release(self.host)
+            self._admissions = None

@@ -13,6 +13,7 @@ pending, so no socket outlives its client.  Every ending writes exactly one
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Protocol as Structural, Union
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -23,14 +24,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import bind
-from socksident._types import DelayedCall
 from socksident.accesslog import AccessRecord, emit
 from socksident.address import host_and_port
 from socksident.connection import ConnectionInfo
+from socksident.deadline import Deadline
 from socksident.establish import Establishment, SharedState
 from socksident.ident import IdentAnswer
-from socksident.livecounts import LiveCounts
-from socksident.policy import Decision
+from socksident.livecounts import Admission, LiveCounts
 from socksident.proxy import HeaderParser, ProxyCommand, ProxyHeader, ProxyHeaderError
 from socksident.relay import PendingEvents, Relay, RemoteProtocol
 from socksident.socks4 import (
@@ -94,13 +94,11 @@ class SOCKS4Server(Protocol):
         )
         self._pending = PendingEvents()  # the client's, until the relay starts
         self._establishing: Optional[Establishment] = None
-        self._timer: Optional[DelayedCall] = None
-        self._timer_what = ""
-        self._timer_seconds = 0.0
+        self._deadline = Deadline(self.reactor, self._time_up)
         self._chain: Optional[Deferred[RemoteProtocol]] = None
         self._logged = False
         self._recorded = True  # False: no access record (a balancer's health check)
-        self._admitted_host: Optional[str] = None  # counted under the limits
+        self._admission: Optional[Admission] = None  # its place under the limits
         self._cut_off: Optional[str] = None  # why the server cut this connection off
         self._time_to_grant: Optional[float] = None
 
@@ -114,7 +112,7 @@ class SOCKS4Server(Protocol):
         self.connection = ConnectionInfo.of_transport(self.transport)
         self.factory.live.change("connections", +1)
         self.factory.open_connections.add(self)
-        self._set_timer(self.settings.request_timeout, "no complete request")
+        self._deadline.set(self.settings.request_timeout, "no complete request")
         if self.state is State.REQUEST:
             self._admit()  # behind a balancer: once the header names the client
 
@@ -144,7 +142,7 @@ class SOCKS4Server(Protocol):
         """Our write half closed during a relay; the relay tracks the rest."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_timer()
+        self._deadline.cancel()
         if self.state is State.RELAY:
             assert self.relay is not None
             self.relay.lost(self.relay.client)
@@ -177,12 +175,11 @@ class SOCKS4Server(Protocol):
             self._close_without_reply("PROXY LOCAL")
             return
         self._enter(State.REQUEST)
-        if header.source is None or header.destination is None:
-            self._abort_cause = RequestRejectedOrFailed(
-                f"PROXY v{header.version} header names no TCP client ({header.family})"
-            )
+        try:
+            self.connection = self.connection.behind(header)
+        except RequestRejectedOrFailed as refusal:
+            self._abort_cause = refusal
         else:
-            self.connection = self.connection.with_header(header.source, header.destination)
             self._admit()
         if leftover:
             self._read_request(leftover)
@@ -200,19 +197,13 @@ class SOCKS4Server(Protocol):
         A refused client is still read: it gets its 91 (naming the limit)
         once its request arrives, or is closed at the request deadline.
         """
-        host = self.connection.client_host
-        refusal = self.factory.live.admitted.admit(
-            host, self.settings.max_connections, self.settings.max_per_host
+        taken = self.factory.live.admitted.take(
+            self.connection.client_host, self.settings.max_connections, self.settings.max_per_host
         )
-        if refusal is None:
-            self._admitted_host = host
+        if isinstance(taken, Admission):
+            self._admission = taken
         elif self._abort_cause is None:
-            self._abort_cause = refusal
-
-    def _release(self) -> None:
-        if self._admitted_host is not None:
-            self.factory.live.admitted.release(self._admitted_host)
-            self._admitted_host = None
+            self._abort_cause = taken
 
     # -- reading the request ------------------------------------------------
 
@@ -262,7 +253,7 @@ class SOCKS4Server(Protocol):
         if isinstance(self._abort_cause, SOCKS4Refusal):
             self._reply_and_close(self._abort_cause)
             return
-        self._set_timer(self.settings.connect_timeout, "no connection established")
+        self._deadline.set(self.settings.connect_timeout, "no connection established")
         self._establishing = Establishment(
             self.factory, self.connection, request, self._bind_listening
         )
@@ -274,10 +265,10 @@ class SOCKS4Server(Protocol):
         """BIND's first reply: where the application server should connect."""
         self._send_reply(ReplyCode.GRANTED, listener.port, reply_address(listener.host))
         self._enter(State.BIND_WAIT)
-        self._set_timer(self.settings.bind_timeout, "no inbound BIND connection")
+        self._deadline.set(self.settings.bind_timeout, "no inbound BIND connection")
 
     def _granted(self, remote: RemoteProtocol) -> None:
-        self._cancel_timer()
+        self._deadline.cancel()
         self._time_to_grant = self.reactor.seconds() - self.started
         peer_host, peer_port = host_and_port(remote.transport.getPeer())
         self._send_reply(ReplyCode.GRANTED, peer_port, reply_address(peer_host))
@@ -293,19 +284,15 @@ class SOCKS4Server(Protocol):
         self.relay = relay
         self._enter(State.RELAY)
         self.factory.live.change("relays", +1)
-        self._track_connect(+1)
+        assert self._establishing is not None
+        self._establishing.track_open_connect(+1)
         relay.start(self._pending.take_data())
         remote.attach(relay)
         self._pending.replay(relay, relay.client)
-        assert self.decision is not None
-        if self.decision.on_granted is not None:
-            try:
-                self.decision.on_granted()
-            except Exception:
-                log.failure("the policy's on_granted for {client} failed", client=self._client)
+        self._establishing.run_on_granted()
 
     def _ended(self, failure: Failure) -> None:
-        self._cancel_timer()
+        self._deadline.cancel()
         cause: object = failure.value
         if failure.check(CancelledError) and self._abort_cause is not None:
             cause = self._abort_cause
@@ -320,7 +307,7 @@ class SOCKS4Server(Protocol):
             failure.raiseException()
 
     def _unexpected(self, failure: Failure) -> None:
-        log.failure("unexpected error serving {client}", failure, client=self._client)
+        log.failure("unexpected error serving {client}", failure, client=self.connection.client)
         if self.state is State.RELAY:
             self.transport.abortConnection()  # the relay finishes the record
         elif self.state is not State.CLOSED:
@@ -343,7 +330,7 @@ class SOCKS4Server(Protocol):
         self._refusal = refusal
         self._reason = refusal.reason
         self._enter(State.CLOSED)
-        self._cancel_timer()
+        self._deadline.cancel()
         if not isinstance(self._abort_cause, ClientGone):
             self._send_reply(refusal.code)
             self.transport.loseConnection()
@@ -357,44 +344,24 @@ class SOCKS4Server(Protocol):
             reason = f"{self._abort_cause.reason}; {reason}"
         self._reason = reason
         self._enter(State.CLOSED)
-        self._cancel_timer()
+        self._deadline.cancel()
         self.transport.loseConnection()
         self._finish()
 
     def _relay_finished(self, relay: Relay) -> None:
         self.factory.live.change("relays", -1)
-        self._track_connect(-1)
+        assert self._establishing is not None
+        self._establishing.track_open_connect(-1)
         if relay.idle_closed:
             self._reason = f"idle for {self.settings.idle_timeout:g} s"
         self._enter(State.CLOSED)
         self._finish()
-
-    def _track_connect(self, delta: int) -> None:
-        if self._is_connect() and self.destination_address is not None:
-            self.factory.open_connects.count(
-                self.connection.client_host, self.destination_address, delta
-            )
-
-    @property
-    def _client(self) -> str:
-        return self.connection.client
 
     @property
     def ident_answer(self) -> Optional[IdentAnswer]:
         """What the client's identd said, if it was asked and has answered."""
         establishing = self._establishing
         return establishing.ident_answer if establishing is not None else None
-
-    @property
-    def decision(self) -> Optional[Decision]:
-        """The policy's decision, once it has decided."""
-        return self._establishing.decision if self._establishing is not None else None
-
-    @property
-    def destination_address(self) -> Optional[str]:
-        """The address connected to (or, for BIND, the application server's)."""
-        establishing = self._establishing
-        return establishing.destination_address if establishing is not None else None
 
     def _finish(self) -> None:
         """Write the one access record this connection produces."""
@@ -403,58 +370,30 @@ class SOCKS4Server(Protocol):
         self._logged = True
         self.factory.live.change("connections", -1)
         self.factory.open_connections.discard(self)
-        self._release()
+        if self._admission is not None:
+            self._admission.release()
         if not self._recorded:
             return
-        decision, relay, establishing = self.decision, self.relay, self._establishing
-        reason = self._reason
-        if reason is None:
-            reason = decision.reason if decision is not None else ""
-        if self._cut_off is not None:
-            reason = f"{reason}; cut off: {self._cut_off}" if reason else self._cut_off
-        via = establishing.via if establishing is not None else None
-        emit(
-            AccessRecord(
-                connection=self.connection,
-                request=self.request,
-                decision=decision,
-                ident=self.ident_answer,
-                replies=tuple(self._replies),
-                reason=reason,
-                refusal=self._refusal,
-                address=self.destination_address,
-                bytes_up=relay.bytes_up if relay else 0,
-                bytes_down=relay.bytes_down if relay else 0,
-                started=self.started,
-                duration=self.reactor.seconds() - self.started,
-                cut_off=relay.cut_off if relay else None,
-                dropped=relay.dropped if relay else 0,
-                next_hop=via.name if via is not None else None,
-                next_hop_reply=establishing.hop_reply if establishing is not None else None,
-                time_to_grant=self._time_to_grant,
-            )
+        record = AccessRecord.of(
+            self.connection,
+            self.request,
+            self._establishing,
+            self.relay,
+            replies=tuple(self._replies),
+            reason=self._reason,
+            refusal=self._refusal,
+            started=self.started,
+            duration=self.reactor.seconds() - self.started,
+            time_to_grant=self._time_to_grant,
         )
+        if self._cut_off is not None:
+            why = f"{record.reason}; cut off: {self._cut_off}" if record.reason else self._cut_off
+            record = replace(record, reason=why)
+        emit(record)
 
-    # -- the one timer ----------------------------------------------------------
+    # -- the one deadline ---------------------------------------------------------
 
-    def _set_timer(self, seconds: float, what: str) -> None:
-        """(Re)arm the one deadline; a live timer is moved, not replaced."""
-        self._timer_what = what
-        self._timer_seconds = seconds
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(seconds)
-        else:
-            self._timer = self.reactor.callLater(seconds, self._time_up)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _time_up(self) -> None:
-        self._timer = None
-        what, seconds = self._timer_what, self._timer_seconds
+    def _time_up(self, what: str, seconds: float) -> None:
         if self.state is State.HEADER:
             self._close_without_reply(f"no complete PROXY header within {seconds:g} s")
         elif self.state is State.REQUEST:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-import ipaddress
-import math
-import socket
 from typing import Any, Optional, Sequence
 
 from twisted.application import service
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from socksident._types import global_reactor
 from socksident.drain import Drain
-from socksident.jsonlog import AccessLogFile, ReopenOnSignal
+from socksident.jsonlog import ReopenOnSignal
+from socksident.optionvalues import (
+    PROXY_PREFIX,
+    access_log_file,
+    count,
+    endpoint_description,
+    listen_endpoint,
+    local_address,
+    metrics_endpoint,
+    next_hop,
+    port_number,
+    port_range,
+    seconds,
+    split_proxy,
+    with_backlog,
+)
 from socksident.policy import DefaultPolicy, IdentMode, IPolicy
 from socksident.server import SOCKS4ServerFactory
 from socksident.services import (
@@ -26,7 +36,7 @@ from socksident.services import (
     ReloadOnHangup,
     StopInOrder,
 )
-from socksident.settings import LISTEN_BACKLOG, ServerSettings
+from socksident.settings import ServerSettings
 from socksident.workers import WorkerPool, check_endpoints, parse_workers
 
 __all__ = [
@@ -45,141 +55,6 @@ _DEFAULTS = ServerSettings()
 
 DEFAULT_PORT = "tcp:1080:interface=127.0.0.1"
 _IDENT_MODES = {"require": IdentMode.REQUIRE, "check": IdentMode.CHECK, "off": IdentMode.OFF}
-
-
-def endpoint_description(value: str) -> str:
-    """A bare port number means plain TCP on every interface."""
-    return f"tcp:{value}" if value.isdigit() else value
-
-
-def with_backlog(description: str) -> str:
-    """A TCP or TLS listener that does not set `backlog=` gets LISTEN_BACKLOG."""
-    kind = description.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
-        return f"{description}:backlog={LISTEN_BACKLOG}"
-    return description
-
-
-PROXY_PREFIX = "haproxy:"
-
-
-def split_proxy(description: str) -> tuple[str, bool]:
-    """``haproxy:ENDPOINT`` -> (ENDPOINT, True): Twisted's spelling, our header parser.
-
-    The server reads the PROXY header itself instead of Twisted's wrapper,
-    which reports the balancer as the client until the header is parsed and
-    turns a client's half-close into a full close.
-    """
-    if description.startswith(PROXY_PREFIX):
-        return endpoint_description(description[len(PROXY_PREFIX) :]), True
-    return description, False
-
-
-def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise usage.UsageError(f"--{name} takes a number of seconds, not {value!r}")
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise usage.UsageError(f"--{name} must be a positive number of seconds, not {value!r}")
-    return seconds
-
-
-def _endpoint(description: str) -> Any:
-    """Parse a `--port` now, so that a typo is a usage error, not a traceback.
-
-    twistd has installed its reactor (`--reactor`) before it parses our
-    options, so importing it here picks that one.
-    """
-    try:
-        return serverFromString(global_reactor(), description)
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise usage.UsageError(f"--port {description!r}: {error}")
-
-
-def _next_hop(description: Optional[str]) -> Any:
-    """`--next-hop`, parsed now: a typo is a usage error naming the option."""
-    if description is None:
-        return None
-    from twisted.internet.endpoints import clientFromString
-
-    from socksident.nexthop import NextHop
-
-    try:
-        endpoint = clientFromString(global_reactor(), description)
-    except (ValueError, TypeError, KeyError, OSError, AttributeError) as error:
-        raise usage.UsageError(f"--next-hop {description!r}: {error}")
-    return NextHop(endpoint, description)
-
-
-def _local_address(name: str, value: Optional[str]) -> Optional[str]:
-    """An IP address of this host: every BIND would fail on any other."""
-    if value is None:
-        return None
-    try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        raise usage.UsageError(f"--{name} takes an IP address, not {value!r}")
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError as error:
-            raise usage.UsageError(
-                f"--{name} {value}: not an address of this host ({error.strerror})"
-            )
-    return str(address)
-
-
-def _access_log(path: Optional[str]) -> Optional[AccessLogFile]:
-    """Open the access log now, before twistd drops privileges."""
-    if path is None:
-        return None
-    try:
-        return AccessLogFile(path)
-    except OSError as error:
-        raise usage.UsageError(f"--access-log {path}: {error.strerror}")
-
-
-def _metrics_endpoint(description: Optional[str]) -> Any:
-    if description is None:
-        return None
-    try:
-        import socksident.metrics  # noqa: F401
-    except ImportError as error:
-        raise usage.UsageError(
-            f"--metrics needs prometheus_client ({error}): pip install 'socksident[metrics]'"
-        )
-    try:
-        return serverFromString(global_reactor(), endpoint_description(description))
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise usage.UsageError(f"--metrics {description!r}: {error}")
-
-
-def _count(name: str, value: str) -> int:
-    """A limit: a whole number, 0 meaning none."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise usage.UsageError(f"--{name} takes a whole number (0: no limit), not {value!r}")
-    return number
-
-
-def _port_range(value: str) -> tuple[int, int]:
-    low, sep, high = value.partition("-")
-    try:
-        numbers = (int(low), int(high if sep else low))
-    except ValueError:
-        numbers = (0, -1)
-    if not 1 <= numbers[0] <= numbers[1] <= 65535:
-        raise usage.UsageError(
-            f"--bind-ports takes LOW-HIGH with 1 <= LOW <= HIGH <= 65535, not {value!r}"
-        )
-    return numbers
 
 
 class Options(usage.Options):
@@ -256,7 +131,7 @@ class Options(usage.Options):
 
     def opt_source_address(self, value: str) -> None:
         """CONNECTs leave from this IP address of this host; give it twice for one IPv4 and one IPv6 address. Destinations of a family without one are not tried. Default: the system picks."""  # noqa: E501
-        address = _local_address("source-address", value)
+        address = local_address("source-address", value)
         assert address is not None
         if any((":" in known) == (":" in address) for known in self["source-addresses"]):
             raise usage.UsageError(
@@ -285,44 +160,38 @@ class Options(usage.Options):
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
         split = [split_proxy(description) for description in self["ports"]]
-        self["endpoints"] = [_endpoint(with_backlog(port)) for port, _ in split]
+        self["endpoints"] = [listen_endpoint(with_backlog(port)) for port, _ in split]
         self["proxied"] = [proxied for _, proxied in split]
         self["workers"] = parse_workers(self["workers"])
         check_endpoints(self["workers"], self["ports"], self["endpoints"])
-        idle = _seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
-        try:
-            ident_port = int(self["ident-port"])
-        except ValueError:
-            ident_port = 0
-        if not 1 <= ident_port <= 65535:
-            raise usage.UsageError(f"--ident-port takes a port number, not {self['ident-port']!r}")
+        idle = seconds("idle-timeout", self["idle-timeout"], allow_zero=True)
         self["settings"] = ServerSettings(
-            request_timeout=_seconds("request-timeout", self["request-timeout"]),
-            connect_timeout=_seconds("connect-timeout", self["connect-timeout"]),
-            bind_timeout=_seconds("bind-timeout", self["bind-timeout"]),
+            request_timeout=seconds("request-timeout", self["request-timeout"]),
+            connect_timeout=seconds("connect-timeout", self["connect-timeout"]),
+            bind_timeout=seconds("bind-timeout", self["bind-timeout"]),
             idle_timeout=idle or None,
-            linger_timeout=_seconds("linger-timeout", self["linger-timeout"]),
-            ident_timeout=_seconds("ident-timeout", self["ident-timeout"]),
-            ident_port=ident_port,
+            linger_timeout=seconds("linger-timeout", self["linger-timeout"]),
+            ident_timeout=seconds("ident-timeout", self["ident-timeout"]),
+            ident_port=port_number("ident-port", self["ident-port"]),
             bind_without_connect=bool(self["bind-without-connect"]),
-            bind_ports=_port_range(self["bind-ports"]) if self["bind-ports"] else None,
-            bind_address=_local_address("bind-address", self["bind-address"]),
+            bind_ports=port_range(self["bind-ports"]) if self["bind-ports"] else None,
+            bind_address=local_address("bind-address", self["bind-address"]),
             access_log=self["access-log"],
             source_addresses=tuple(self["source-addresses"]),
             metrics=self["metrics"],
-            max_connections=_count("max-connections", self["max-connections"]),
-            max_per_host=_count("max-per-host", self["max-per-host"]),
-            shutdown_timeout=_seconds("shutdown-timeout", self["shutdown-timeout"], allow_zero=True),
+            max_connections=count("max-connections", self["max-connections"]),
+            max_per_host=count("max-per-host", self["max-per-host"]),
+            shutdown_timeout=seconds("shutdown-timeout", self["shutdown-timeout"], allow_zero=True),
         )
-        self["access-log-file"] = None if self.worker else _access_log(self["access-log"])
+        self["access-log-file"] = None if self.worker else access_log_file(self["access-log"])
         if any(self["proxied"]) and self["settings"].bind_address is None:
             raise usage.UsageError(
                 "--port haproxy:... needs --bind-address: behind a balancer the address a"
                 " client connected to is not one this host can listen on for BIND"
             )
-        self["metrics-endpoint"] = _metrics_endpoint(self["metrics"])
+        self["metrics-endpoint"] = metrics_endpoint(self["metrics"])
         self["policy"] = self._policy()
-        self["next_hop"] = _next_hop(self["next-hop"])
+        self["next_hop"] = next_hop(self["next-hop"])
         if self["next_hop"] is None:
             _check_no_route_to_next_hop(self["policy"])
 

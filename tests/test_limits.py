@@ -10,7 +10,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from socksident.livecounts import Admissions
+from socksident.livecounts import Admission, Admissions, LimitReached
 from socksident.proxy import build_v1, build_v2
 from socksident.server import ServerSettings, SOCKS4ServerFactory
 from socksident.socks4 import Command, ReplyCode, build_reply, build_request
@@ -182,4 +182,18 @@ def test_admissions_refuse_at_the_limit_and_forget_empty_hosts():
     assert str(admissions.admit("c", 3, 0)) == "connection limit 3 reached"
     for host in ("a", "a", "b"):
         admissions.release(host)
+    assert (admissions.total, admissions.per_host) == (0, {})
+
+
+def test_an_admission_is_handed_back_once_however_often_it_is_released():
+    admissions = Admissions()
+    first = admissions.take("a", 0, 2)
+    second = admissions.take("a", 0, 2)
+    assert isinstance(first, Admission) and isinstance(second, Admission)
+    assert isinstance(admissions.take("a", 0, 2), LimitReached)
+    assert admissions.per_host == {"a": 2}  # a refusal holds no place
+    first.release()
+    first.release()
+    assert (admissions.total, admissions.per_host) == (1, {"a": 1})
+    second.release()
     assert (admissions.total, admissions.per_host) == (0, {})
