@@ -69,7 +69,7 @@ def reset_peak(pid: int) -> bool:
 
 
 class Proxy:
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, relay: str = "splice") -> None:
         twistd = Path(sys.executable).with_name("twistd")
         if not twistd.exists():
             sys.exit(f"no twistd next to {sys.executable}; run `make venv` first")
@@ -77,7 +77,7 @@ class Proxy:
         self.log = open(os.path.join(workdir, "proxy.log"), "wb")
         self.process = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "socks4",
-             "--port", f"tcp:{self.port}:interface={LOOPBACK}"],
+             "--port", f"tcp:{self.port}:interface={LOOPBACK}", "--relay", relay],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
         )
         self.pid = self.process.pid
@@ -241,11 +241,13 @@ def main() -> int:
                         help="fail if the proxy's RSS grows more than this many MiB")
     parser.add_argument("--time-budget", type=float, default=110.0,
                         help="seconds for all phases together (default 110)")
+    parser.add_argument("--relay", choices=("splice", "twisted"), default="splice",
+                        help="the proxy's --relay (default splice)")
     args = parser.parse_args()
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="socksident-bench-") as workdir:
-        proxy = Proxy(workdir)
+        proxy = Proxy(workdir, args.relay)
         listener = socket.create_server((LOOPBACK, 0), backlog=8)
         try:
             # Warm up every code path once, then take the idle baseline.
@@ -279,7 +281,7 @@ def main() -> int:
             for line in Path(workdir, "proxy.log").read_bytes().splitlines()
         )
 
-    print(f"proxy: twistd socks4, pid {proxy.pid}; idle RSS after warm-up {baseline:.1f} MiB")
+    print(f"proxy: twistd socks4 --relay {args.relay}, pid {proxy.pid}; idle RSS after warm-up {baseline:.1f} MiB")
     print(f"{'phase':<42} {'MiB':>6} {'seconds':>8} {'MiB/s':>8} {'RSS growth MiB':>15}")
     failed = False
     for r in results:

@@ -83,6 +83,9 @@ class RelayCounts(Protocol):
     @property
     def dropped(self) -> int: ...
 
+    @property
+    def mode(self) -> str: ...
+
 
 @dataclass(frozen=True, slots=True)
 class AccessRecord:
@@ -115,6 +118,7 @@ class AccessRecord:
     next_hop: Optional[str] = None  # the next hop the request went to, if any
     next_hop_reply: Optional[str] = None  # what it answered: "90", "91", "unreachable: ..."
     time_to_grant: Optional[float] = None  # seconds from accept to the (last) reply 90
+    relay: Optional[str] = None  # "splice" or "twisted": how the bytes moved; None: no relay
 
     @classmethod
     def of(
@@ -154,6 +158,7 @@ class AccessRecord:
             next_hop=chain.next_hop_name if chain is not None else None,
             next_hop_reply=chain.hop_reply if chain is not None else None,
             time_to_grant=time_to_grant,
+            relay=relay.mode if relay is not None else None,
         )
 
     @property
@@ -234,6 +239,7 @@ class AccessRecord:
             "cut_off": self.cut_off,
             "dropped": self.dropped,
             "next_hop_reply": self.next_hop_reply,
+            "relay": self.relay,
         }
 
 
@@ -243,7 +249,7 @@ FIELDS = (
     "address", "next_hop", "code", "replies", "reason", "refusal", "rule", "ident",
     "ident_outcome", "ident_user", "ident_opsys", "ident_error", "ident_duration",
     "time_to_grant", "bytes_up", "bytes_down", "duration", "cut_off", "dropped",
-    "next_hop_reply",
+    "next_hop_reply", "relay",
 )
 
 

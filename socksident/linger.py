@@ -24,7 +24,7 @@ import struct
 import sys
 from typing import Any, Iterator, Optional
 
-__all__ = ["CutOff", "descriptor_socket", "is_reset", "queued_bytes"]
+__all__ = ["CutOff", "buffered_in_twisted", "descriptor_socket", "is_reset", "queued_bytes"]
 
 #: Which side a relay aborted at the end of its linger time: "client",
 #: "remote" or "both"; None when every side closed on its own.
@@ -64,6 +64,25 @@ def _kernel_queue(sock: socket.socket) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
+def _buffered(layer: Any) -> int:
+    """Bytes in one layer's write buffers (Twisted's FileDescriptor, or TLS's
+    cleartext not yet encrypted)."""
+    total = 0
+    pending = getattr(layer, "_appSendBuffer", None)
+    if isinstance(pending, list):
+        total += sum(len(chunk) for chunk in pending)
+    buffered = getattr(layer, "dataBuffer", None)
+    if isinstance(buffered, bytes):
+        total += len(buffered) - int(getattr(layer, "offset", 0))
+        total += int(getattr(layer, "_tempDataLen", 0))
+    return total
+
+
+def buffered_in_twisted(transport: Any) -> int:
+    """Bytes written to `transport` that Twisted has not handed to the kernel."""
+    return sum(_buffered(layer) for layer in _layers(transport))
+
+
 def queued_bytes(transport: Any) -> int:
     """Bytes written to `transport` that its peer has not taken.
 
@@ -74,13 +93,7 @@ def queued_bytes(transport: Any) -> int:
     """
     total = 0
     for layer in _layers(transport):
-        pending = getattr(layer, "_appSendBuffer", None)
-        if isinstance(pending, list):
-            total += sum(len(chunk) for chunk in pending)
-        buffered = getattr(layer, "dataBuffer", None)
-        if isinstance(buffered, bytes):
-            total += len(buffered) - int(getattr(layer, "offset", 0))
-            total += int(getattr(layer, "_tempDataLen", 0))
+        total += _buffered(layer)
         sock = getattr(layer, "socket", None)
         if isinstance(sock, socket.socket):
             return total + _kernel_queue(sock)

@@ -30,6 +30,7 @@ __all__ = [
     "next_hop",
     "port_number",
     "port_range",
+    "relay_mode",
     "seconds",
     "split_proxy",
     "with_backlog",
@@ -169,6 +170,12 @@ def port_range(value: str) -> tuple[int, int]:
             f"--bind-ports takes LOW-HIGH with 1 <= LOW <= HIGH <= 65535, not {value!r}"
         )
     return numbers
+
+
+def relay_mode(value: str) -> str:
+    if value not in ("splice", "twisted"):
+        raise usage.UsageError(f"--relay takes splice or twisted, not {value!r}")
+    return value
 
 
 def port_number(name: str, value: str) -> int:

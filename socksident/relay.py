@@ -17,22 +17,39 @@ open side's own end, or the idle timeout end it.
 
 Twisted will not close a transport that still has a producer registered, so
 every shutdown below unregisters first.
+
+With `splice`, once both transports have written everything Twisted holds
+for them (the reply, early data), the relay hands the two sockets to a
+`splice.Splicer` and the bytes stop passing through Python; any event that
+is not steady flow (a FIN, an error, a time limit, a reset, the server
+cutting the connection off) gives the sockets, and the bytes still in the
+pipes, back to the Twisted relay first, so that all of the above holds on
+both paths.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPullProducer,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import linger
 from socksident._types import DelayedCall, ReactorTime
 from socksident.settings import ServerSettings
+from socksident.splice import Splicer
 
 __all__ = ["PendingEvents", "Relay", "RelaySide", "RemoteProtocol"]
+
+log = Logger()
 
 
 class RelaySide:
@@ -76,6 +93,31 @@ class _WatchedProducer:
         self._side.transport.stopProducing()
 
 
+@implementer(IPullProducer)
+class _UntilDrained:
+    """Told by a transport each time its write buffer empties (a pull
+    producer is asked for more then); tells the relay once it is empty."""
+
+    def __init__(self, relay: "Relay", side: RelaySide) -> None:
+        self._relay = relay
+        self._side = side
+        self.active = True
+        side.transport.registerProducer(self, False)  # asks resumeProducing at once
+
+    def resumeProducing(self) -> None:
+        if self.active and linger.buffered_in_twisted(self._side.transport) == 0:
+            self.cancel()
+            self._relay._drained(self._side)
+
+    def stopProducing(self) -> None:
+        self.active = False  # the connection is lost: the relay hears of it
+
+    def cancel(self) -> None:
+        if self.active:
+            self.active = False
+            self._side.transport.unregisterProducer()
+
+
 class Relay:
     """Pairs the client's connection with the destination's.
 
@@ -95,6 +137,7 @@ class Relay:
         linger_timeout: float = ServerSettings.linger_timeout,
         paused_check_interval: float = ServerSettings.paused_check_interval,
         is_reset: Callable[[Any], bool] = linger.is_reset,
+        splice: bool = False,
     ) -> None:
         self.client = RelaySide("client", client_transport)
         self.remote = RelaySide("remote", remote_transport)
@@ -112,6 +155,12 @@ class Relay:
         self.idle_closed = False
         self.cut_off: linger.CutOff = None
         self.dropped = 0
+        self._splice_wanted = splice  # until the sockets are spliced or it is too late
+        self._resumed: set[str] = set()  # sides whose events before the relay are replayed
+        self._waiting: list[_UntilDrained] = []
+        self._drained_sides: set[str] = set()
+        self._splicer: Optional[Splicer] = None
+        self.mode = "twisted"  # "splice" once the kernel moved the bytes
 
     @property
     def bytes_up(self) -> int:
@@ -133,10 +182,83 @@ class Relay:
             # Written before the pairing, so a full buffer cannot pause the
             # client before the caller resumes it; the next write will.
             self.data(self.client, early_data)
+        if not self._splice_wanted:
+            self._pair(client, remote)
+        self._arm_idle_timer()
+
+    def _pair(self, client: Any, remote: Any) -> None:
         client.registerProducer(_WatchedProducer(self, self.remote), True)
         remote.registerProducer(_WatchedProducer(self, self.client), True)
         self.client.has_producer = self.remote.has_producer = True
+
+    def resume(self, side: RelaySide) -> None:
+        """`side`'s events from before the relay are replayed: read it from now
+        (with `splice`, once both sides are here and Twisted's buffers empty)."""
+        if not self._splice_wanted:
+            side.transport.resumeProducing()
+            return
+        self._resumed.add(side.name)
+        if len(self._resumed) == 2:
+            self._waiting = [_UntilDrained(self, self.client), _UntilDrained(self, self.remote)]
+
+    def _drained(self, side: RelaySide) -> None:
+        self._drained_sides.add(side.name)
+        if len(self._drained_sides) == 2 and self._splice_wanted:
+            self._splice_wanted = False
+            self._waiting = []
+            client, remote = self.client.transport, self.remote.transport
+            try:
+                splicer = Splicer(self._reactor, client.fileno(), remote.fileno(), self)
+            except OSError as error:
+                log.warn("no splice relay ({error}): relaying through Twisted", error=error)
+                self._pair(client, remote)
+                client.resumeProducing()
+                remote.resumeProducing()
+                return
+            for transport in (client, remote):
+                transport.stopReading()
+                transport.stopWriting()
+            self._splicer = splicer
+            self.mode = "splice"
+            splicer.start()
+
+    def unsplice(self) -> None:
+        """From here on, the Twisted relay: before any event that is not
+        steady flow, and before anyone aborts a transport of this relay."""
+        splicer, self._splicer = self._splicer, None
+        if splicer is not None:
+            left = splicer.stop()
+        elif self._splice_wanted:
+            self._splice_wanted = False
+            for waiting in self._waiting:
+                waiting.cancel()
+            left = {}
+        else:
+            return
+        client, remote = self.client.transport, self.remote.transport
+        self._pair(client, remote)
+        sides = (self.client, self.remote)
+        for side in sides:
+            side.paused = False
+        for side in sides:
+            if left.get(side.name):
+                assert side.peer is not None
+                side.peer.transport.write(left[side.name])  # may pause `side` again
+        for side in sides:
+            if (splicer is not None or side.name in self._resumed) and not side.paused:
+                side.transport.resumeProducing()
+
+    # -- what the splicer tells (`splice.SpliceEvents`) -----------------------------
+
+    def spliced(self, source: str, count: int) -> None:
+        (self.client if source == "client" else self.remote).bytes_received += count
         self._arm_idle_timer()
+
+    def blocked(self, source: str, held: bool) -> None:
+        self._paused(self.client if source == "client" else self.remote, held)
+
+    def irregular(self) -> None:
+        self.unsplice()
 
     def data(self, side: RelaySide, data: bytes) -> None:
         side.bytes_received += len(data)
@@ -149,6 +271,7 @@ class Relay:
         """A FIN from one side: shut the other side's write half, keep the rest."""
         if side.read_closed or side.lost:
             return
+        self.unsplice()
         side.read_closed = True
         peer = side.peer
         assert peer is not None
@@ -168,6 +291,7 @@ class Relay:
     def lost(self, side: RelaySide) -> None:
         if side.lost:
             return
+        self.unsplice()
         side.lost = True
         side.paused = False
         assert side.peer is not None
@@ -211,6 +335,7 @@ class Relay:
             if not side.paused or side.lost:
                 continue
             if self._is_reset(side.transport):
+                self.unsplice()
                 side.paused = False
                 side.transport.abortConnection()
             else:
@@ -231,6 +356,7 @@ class Relay:
         not read would hold a flushing close open for ever."""
         self._idle_call = None
         self.idle_closed = True
+        self.unsplice()
         for side in (self.client, self.remote):
             if not side.lost:
                 side.unregister_producer()
@@ -280,7 +406,7 @@ class PendingEvents:
         elif self.read_closed:
             relay.read_closed(side)
         else:
-            side.transport.resumeProducing()
+            relay.resume(side)
 
 
 @implementer(IHalfCloseableProtocol)

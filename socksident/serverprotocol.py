@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident import bind
+from socksident import bind, splice
 from socksident.accesslog import AccessRecord, emit
 from socksident.address import host_and_port
 from socksident.connection import ConnectionInfo
@@ -187,6 +187,8 @@ class SOCKS4Server(Protocol):
     def cut_off(self, why: str) -> None:
         """End this connection now (a stopping server); its record says `why`."""
         self._cut_off = why
+        if self.relay is not None:
+            self.relay.unsplice()  # the sockets are Twisted's again before the abort
         self.transport.abortConnection()
 
     # -- the limits ------------------------------------------------------------
@@ -280,6 +282,10 @@ class SOCKS4Server(Protocol):
             self.settings.idle_timeout,
             self.settings.linger_timeout,
             self.settings.paused_check_interval,
+            splice=self.settings.relay == "splice"
+            and splice.available()
+            and splice.spliceable(self.transport)
+            and splice.spliceable(remote.transport),
         )
         self.relay = relay
         self._enter(State.RELAY)
@@ -309,6 +315,8 @@ class SOCKS4Server(Protocol):
     def _unexpected(self, failure: Failure) -> None:
         log.failure("unexpected error serving {client}", failure, client=self.connection.client)
         if self.state is State.RELAY:
+            assert self.relay is not None
+            self.relay.unsplice()
             self.transport.abortConnection()  # the relay finishes the record
         elif self.state is not State.CLOSED:
             self._reply_and_close(RequestRejectedOrFailed(f"internal error: {failure.value!r}"))

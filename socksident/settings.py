@@ -45,3 +45,4 @@ class ServerSettings:
     max_connections: int = 0  # admitted client connections at once (per process); 0: no limit
     shutdown_timeout: float = 30.0  # on SIGTERM, time open connections have to finish
     max_per_host: int = 0  # admitted connections from one client IP at once; 0: no limit
+    relay: str = "splice"  # "splice": zero-copy between plain TCP sockets on Linux; "twisted"

@@ -21,6 +21,7 @@ from socksident.optionvalues import (
     next_hop,
     port_number,
     port_range,
+    relay_mode,
     seconds,
     split_proxy,
     with_backlog,
@@ -83,6 +84,9 @@ class Options(usage.Options):
         ["linger-timeout", None, f"{_DEFAULTS.linger_timeout:g}",
          "Once one side of a relay is gone, seconds the other has to take what is "
          "queued for it before it is aborted."],
+        ["relay", None, _DEFAULTS.relay,
+         "splice: relay the bytes of two plain TCP connections inside the kernel (Linux); "
+         "twisted: always through Twisted's transports. TLS connections always use twisted."],
         ["ident-timeout", None, f"{_DEFAULTS.ident_timeout:g}",
          "Seconds for the ident query, connect and answer together."],
         ["ident-port", None, str(_DEFAULTS.ident_port), "Port of the identd on client hosts."],
@@ -171,6 +175,7 @@ class Options(usage.Options):
             bind_timeout=seconds("bind-timeout", self["bind-timeout"]),
             idle_timeout=idle or None,
             linger_timeout=seconds("linger-timeout", self["linger-timeout"]),
+            relay=relay_mode(self["relay"]),
             ident_timeout=seconds("ident-timeout", self["ident-timeout"]),
             ident_port=port_number("ident-port", self["ident-port"]),
             bind_without_connect=bool(self["bind-without-connect"]),

@@ -121,6 +121,7 @@ def test_fields_are_the_one_schema_and_json_ready() -> None:
         "cut_off": None,
         "dropped": 0,
         "next_hop_reply": None,
+        "relay": None,
     }
     assert json.loads(json.dumps(fields)) == fields
 
