@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident import bind
 from socksident._types import DelayedCall
 from socksident.accesslog import AccessRecord, emit
 from socksident.address import host_and_port
@@ -270,16 +269,19 @@ class SOCKS4Server(Protocol):
         self._chain.addCallbacks(self._granted, self._ended)
         self._chain.addErrback(self._unexpected)
 
-    def _bind_listening(self, listener: bind.OneShotListener) -> None:
-        """BIND's first reply: where the application server should connect."""
-        self._send_reply(ReplyCode.GRANTED, listener.port, reply_address(listener.host))
+    def _bind_listening(self, host: str, port: int) -> None:
+        """BIND's first reply: where the application server should connect
+        (our listener, or the next hop's)."""
+        self._send_reply(ReplyCode.GRANTED, port, reply_address(host))
         self._enter(State.BIND_WAIT)
         self._set_timer(self.settings.bind_timeout, "no inbound BIND connection")
 
     def _granted(self, remote: RemoteProtocol) -> None:
         self._cancel_timer()
         self._time_to_grant = self.reactor.seconds() - self.started
-        peer_host, peer_port = host_and_port(remote.transport.getPeer())
+        assert self._establishing is not None
+        granted = self._establishing.granted_address
+        peer_host, peer_port = granted or host_and_port(remote.transport.getPeer())
         self._send_reply(ReplyCode.GRANTED, peer_port, reply_address(peer_host))
         relay = Relay(
             self.transport,
@@ -370,10 +372,16 @@ class SOCKS4Server(Protocol):
         self._finish()
 
     def _track_connect(self, delta: int) -> None:
-        if self._is_connect() and self.destination_address is not None:
-            self.factory.open_connects.count(
-                self.connection.client_host, self.destination_address, delta
-            )
+        """Count an open CONNECT for the BINDs that may follow it: by the
+        address reached, or through the next hop by the destination named."""
+        if not self._is_connect():
+            return
+        assert self.request is not None and self._establishing is not None
+        client = self.connection.client_host
+        if self._establishing.via is not None:
+            self.factory.open_hop_connects.count(client, self.request.destination, delta)
+        elif self.destination_address is not None:
+            self.factory.open_connects.count(client, self.destination_address, delta)
 
     @property
     def _client(self) -> str:

@@ -8,6 +8,8 @@ SOCKS4A over real sockets, plain TCP or TLS with certificates made here.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import ipaddress
 from pathlib import Path
 from typing import Any, Optional
@@ -411,3 +413,87 @@ async def test_a_hop_that_is_down_or_speaks_garbage_is_91(
     assert record.next_hop_reply.startswith(expected), record.next_hop_reply
     if kind == "garbage":  # and we closed our connection to it
         await wait_until(lambda: len(Garbage.closed) == 1, 5, "the hop connection to close")
+
+
+# -- BIND through the next hop -------------------------------------------------------
+
+
+def bind_through_the_hop(a: int, down: bytes, up: bytes) -> dict[str, Any]:
+    """Blocking, in a thread: the client's primary CONNECT and its BIND both go
+    through A to the application server only B can name; the application
+    server connects to where B listens.  Then each side half-closes in turn."""
+    from tests.integration.test_bind import (
+        connect_socket,
+        read_reply,
+        recv_until_eof,
+        request,
+    )
+
+    name = ONLY_AT_THE_END.encode()
+    app_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    app_listener.settimeout(15)
+    app_listener.bind((LOOPBACK, 0))
+    app_listener.listen(4)
+    app_port = app_listener.getsockname()[1]
+    sockets = [app_listener]
+    try:
+        control = connect_socket(LOOPBACK, a)
+        sockets.append(control)
+        control.sendall(request(1, app_port, "0.0.0.1", b"carol", name))
+        assert read_reply(control)[0] == 90, "primary CONNECT"
+        app_control, _ = app_listener.accept()
+        sockets.append(app_control)
+
+        data = connect_socket(LOOPBACK, a)
+        sockets.append(data)
+        data.sendall(request(2, app_port, "0.0.0.1", b"carol", name))
+        result: dict[str, Any] = {"first": read_reply(data)}
+        code, port, host = result["first"]
+        assert code == 90, f"first BIND reply {code}"
+        inbound = connect_socket(host, port)
+        sockets.append(inbound)
+        result["app_address"] = inbound.getsockname()
+        result["second"] = read_reply(data)
+        inbound.sendall(down)
+        inbound.shutdown(socket.SHUT_WR)
+        result["client_got"] = recv_until_eof(data)  # the FIN came through both hops
+        data.sendall(up)  # and the other direction still flows
+        data.shutdown(socket.SHUT_WR)
+        result["app_got"] = recv_until_eof(inbound)
+        control.close()
+        app_control.close()
+        return result
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bind_for_a_name_only_the_hop_resolves_goes_through_it(listening, access_events):
+    from tests.integration.test_bind import in_thread
+
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})))
+    hop = f"tcp:{LOOPBACK}:{b}"
+    first_names = NameTable()
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(first_names, hop))
+    down, up = os.urandom(256 * 1024), os.urandom(64 * 1024 + 3)
+
+    result = await in_thread(bind_through_the_hop, a, down, up)
+
+    code, port, host = result["first"]
+    assert host == LOOPBACK and port not in (0, a, b)  # where B listens, as B said
+    app_host, app_port = result["app_address"]
+    assert result["second"] == (90, app_port, app_host)  # B's second reply, passed on
+    assert result["client_got"] == down and result["app_got"] == up
+    assert first_names.asked == [ONLY_AT_THE_END, ONLY_AT_THE_END]
+
+    await wait_until(lambda: len(access_events) == 4, 10, "four access records")
+    binds = [e["access_record"] for e in access_events if e["command"] == "BIND"]
+    outer, inner = sorted(binds, key=lambda r: r.connection.server_port != a)
+    assert outer.connection.server_port == a and inner.connection.server_port == b
+    assert outer.replies == inner.replies == (90, 90)
+    assert outer.next_hop == hop and outer.next_hop_reply == "90, 90"
+    assert inner.next_hop is None and inner.address == LOOPBACK  # B's DSTIP check passed
+    assert inner.request.user_id == "carol" and inner.request.hostname == ONLY_AT_THE_END
+    for record in (outer, inner):
+        assert (record.bytes_up, record.bytes_down) == (len(up), len(down))
