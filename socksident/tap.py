@@ -107,10 +107,18 @@ def _next_hop(description: Optional[str]) -> Any:
 
     from socksident.nexthop import NextHop
 
+    from OpenSSL import crypto
+    from twisted.internet.error import VerifyError
+
     try:
         endpoint = clientFromString(global_reactor(), description)
-    except (ValueError, TypeError, KeyError, OSError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, OSError, AttributeError, VerifyError) as error:
         raise usage.UsageError(f"--next-hop {description!r}: {error}")
+    except crypto.Error as error:
+        # tls:'s certificate=/privateKey= (or trustRoots=) hold no PEM it can read.
+        raise usage.UsageError(
+            f"--next-hop {description!r}: cannot read a certificate or key ({error})"
+        )
     return NextHop(endpoint, description)
 
 
