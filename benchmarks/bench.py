@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -198,6 +199,50 @@ def dante(ident: bool) -> Callable[[Path, int], Process]:
     return start
 
 
+VIA_NEXT_HOP = "permit via=next-hop 127.0.0.0/8\n"
+DIRECT = "permit 127.0.0.0/8\n"
+
+
+def wait_port(port: int, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port}")
+            time.sleep(0.05)
+
+
+def socksident_rules(rules: str, hop: bool) -> Callable[[Path, int], Process]:
+    """socksident with a rules file (A alone), or A sending every request through
+    a second socksident B (`via=next-hop`, so the loadgen's IP requests go too).
+    With a hop, one shell starts B in the background and then becomes A, so B is
+    A's child: the CPU and memory figures of A's tree cover both proxies."""
+    def start(workdir: Path, port: int) -> Process:
+        name = "hop" if hop else "rules"
+        conf = workdir / f"{name}-{port}.conf"
+        conf.write_text(VIA_NEXT_HOP if hop else DIRECT)
+        a = [twistd(), "-n", "--pidfile=", "-l", str(workdir / f"{name}-a.log"), "socks4",
+             "--port", f"tcp:{port}:interface={LOOPBACK}", "--rules", str(conf)]
+        if not hop:
+            return Process(name, a, workdir)
+        b_port = free_port()
+        b = [twistd(), "-n", "--pidfile=", "-l", str(workdir / "hop-b.log"), "socks4",
+             "--port", f"tcp:{b_port}:interface={LOOPBACK}"]
+        a += ["--next-hop", f"tcp:{LOOPBACK}:{b_port}"]
+        script = f"{' '.join(map(shlex.quote, b))} & exec {' '.join(map(shlex.quote, a))}"
+        process = Process(name, ["sh", "-c", script], workdir)
+        try:
+            wait_port(b_port)
+        except RuntimeError:
+            process.stop()
+            raise
+        return process
+    return start
+
+
 def servers(want: list[str], ident: bool) -> tuple[list[Server], list[str]]:
     """The servers of this machine, with the socksident variants its options offer."""
     options = socks4_help()
@@ -207,6 +252,11 @@ def servers(want: list[str], ident: bool) -> tuple[list[Server], list[str]]:
         found.append(Server("socksident --relay twisted", socksident(["--relay", "twisted"])))
     if "--workers" in options:
         found.append(Server("socksident --workers 2", socksident(["--workers", "2"])))
+    if "--next-hop" in options:
+        found.append(Server("socksident rules", socksident_rules(DIRECT, hop=False),
+                            note="A alone: --rules permit 127.0.0.0/8"))
+        found.append(Server("socksident next hop", socksident_rules(VIA_NEXT_HOP, hop=True),
+                            note="A -> B: via=next-hop to a second socksident"))
     found.append(Server("twistd socks", twisted_socks))
     if danted_path():
         found.append(Server("dante", dante(False)))
@@ -370,6 +420,23 @@ def summarise(rounds: list[dict[str, Any]], path: tuple[str, str]) -> Optional[d
             "n": len(values)}
 
 
+def hop_cost(results: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """One extra hop: A -> B against A alone (the same rules, the same run)."""
+    alone, chained = results.get("socksident rules"), results.get("socksident next hop")
+    if not alone or not chained:
+        return {}
+    parts = []
+    for key, path, label, _, _ in METRICS:
+        if key not in ("rtt64", "rtt1", "cpu64", "up", "down", "idle"):
+            continue
+        a, b = summarise(alone, path), summarise(chained, path)
+        if a and b and a["median"]:
+            parts.append(f"{label.strip()} {fmt(b['median'])} vs {fmt(a['median'])}"
+                         f" ({b['median'] / a['median']:.2f}x)")
+    return {"one extra hop (A -> B vs A alone; CPU and RSS of A and B together)":
+            "; ".join(parts)}
+
+
 def fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
 
@@ -516,6 +583,7 @@ def main() -> int:
         rates = [r["rate"] for r in extra["oidentd_rates"]]
         extra["oidentd alone, queries/s at 64 in flight"] = (
             f"{fmt(statistics.median(rates))} ({fmt(min(rates))}-{fmt(max(rates))})")
+    extra.update(hop_cost(results))
     text, summary = table(results, {k: v for k, v in extra.items() if k != "oidentd_rates"})
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
                f"Python {platform.python_version()}, load average before "

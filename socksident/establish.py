@@ -2,11 +2,12 @@
 
 `Establishment.start()` is the chain of Deferreds the design card asks for:
 resolve a SOCKS4A name, ask the policy (which may ask identd), then connect,
-go through the next hop, or listen and accept a BIND.  It knows nothing of
-the client's transport, replies or records: the protocol
+go through the next hop (CONNECT or BIND), or listen and accept a BIND.  It
+knows nothing of the client's transport, replies or records: the protocol
 (`serverprotocol.py`) owns those, cancels the chain when something ends it
-early, and the access record reads what was decided here (`decision`,
-`destination_address`, `next_hop_name`, `hop_reply`, `ident_answer`).
+early, and reads what was decided here (`granted_address` for its reply);
+the access record reads `decision`, `destination_address`,
+`next_hop_name`, `hop_reply` and `ident_answer`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Protocol, cast
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.interfaces import IAddress, IHostnameResolver
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -44,6 +45,20 @@ _REMOTE_FACTORY = Factory.forProtocol(RemoteProtocol)
 _REMOTE_FACTORY.noisy = False
 
 
+class _ReportedAddress(Factory):
+    """The remote side of a BIND through the next hop, keeping the address
+    the hop's second reply gave (the application server's, as the hop saw it)."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.address: Optional[tuple[str, int]] = None
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> RemoteProtocol:
+        self.address = host_and_port(addr)
+        return RemoteProtocol()
+
+
 class SharedState(Protocol):
     """What an establishment needs of the server factory (all requests share it)."""
 
@@ -52,6 +67,7 @@ class SharedState(Protocol):
     ident_query: IdentQuery
     next_hop: Optional[NextHop]
     open_connects: bind.OpenConnects
+    open_hop_connects: bind.OpenConnects  # CONNECTs through the next hop, by destination
 
     @property
     def reactor(self) -> Any: ...
@@ -68,18 +84,21 @@ class Establishment:
         shared: SharedState,
         connection: ConnectionInfo,
         request: Request,
-        bind_listening: Callable[[bind.OneShotListener], None],
+        bind_listening: Callable[[str, int], None],
     ) -> None:
         self.shared = shared
         self.settings = shared.settings
         self.reactor = shared.reactor
         self.connection = connection
         self.request = request
-        self._bind_listening = bind_listening  # BIND's first reply
+        self._bind_listening = bind_listening  # BIND's first reply: host, port
         self.decision: Optional[Decision] = None
         self.destination_address: Optional[str] = None
         self.via: Optional[NextHop] = None  # set when the request goes to the next hop
         self.hop_reply: Optional[str] = None
+        # What the granting reply carries when not the remote side's peer:
+        # a BIND through the next hop passes the hop's second reply on.
+        self.granted_address: Optional[tuple[str, int]] = None
         self.ident: Optional[SharedIdentQuery] = None
 
     def start(self) -> Deferred[RemoteProtocol]:
@@ -103,11 +122,15 @@ class Establishment:
 
     def track_open_connect(self, delta: int) -> None:
         """A granted CONNECT's relay starts (+1) or ends (-1): BIND checks that
-        its client has one open to the application server."""
-        if self.request.command is Command.CONNECT and self.destination_address is not None:
-            self.shared.open_connects.count(
-                self.connection.client_host, self.destination_address, delta
-            )
+        its client has one open to the application server (through the next
+        hop: to the destination as named)."""
+        if self.request.command is not Command.CONNECT:
+            return
+        client = self.connection.client_host
+        if self.via is not None:  # through the next hop: by the destination named
+            self.shared.open_hop_connects.count(client, self.request.destination, delta)
+        elif self.destination_address is not None:
+            self.shared.open_connects.count(client, self.destination_address, delta)
 
     def run_on_granted(self) -> None:
         """The decision's `on_granted` (a rule's command), once the 90 is sent."""
@@ -252,12 +275,9 @@ class Establishment:
 
     async def _through_next_hop(self, hop: NextHop) -> RemoteProtocol:
         request = self.request
-        if request.command is not Command.CONNECT:
-            raise RequestRejectedOrFailed(
-                f"BIND to {request.destination} would go through the next hop {hop.name};"
-                " BIND is not forwarded"
-            )
         try:
+            if request.command is Command.BIND:
+                return await self._bind_through(hop)
             remote = await hop.connect(
                 self.reactor, request, self.settings.connect_timeout, _REMOTE_FACTORY
             )
@@ -266,6 +286,36 @@ class Establishment:
             log.info("{client}: {reason}", client=self.connection.client, reason=failed.reason)
             raise
         self.hop_reply = "90"
+        return cast(RemoteProtocol, remote)
+
+    async def _bind_through(self, hop: NextHop) -> RemoteProtocol:
+        """BIND at the hop: its first reply (where it listens) and its second
+        (the application server came in, and passed its DSTIP check) go to
+        our client as they came.  The server's deadlines cancel this; the
+        endpoint's own limit is only a backstop behind them."""
+        request, settings = self.request, self.settings
+        if not settings.bind_without_connect and not self.shared.open_hop_connects.any_open(
+            self.connection.client_host, (request.destination,)
+        ):
+            raise RequestRejectedOrFailed(
+                "BIND without an open CONNECT from this client to "
+                f"{request.destination} through the next hop (see --bind-without-connect)"
+            )
+
+        def listening(host: str, port: int) -> None:
+            self.hop_reply = "90"
+            self._bind_listening(host, port)
+
+        reported = _ReportedAddress()
+        remote = await hop.bind(
+            self.reactor,
+            request,
+            settings.connect_timeout + settings.bind_timeout,
+            reported,
+            listening,
+        )
+        self.hop_reply = "90, 90"
+        self.granted_address = reported.address
         return cast(RemoteProtocol, remote)
 
     async def _bind(self, addresses: tuple[str, ...]) -> RemoteProtocol:
@@ -289,7 +339,7 @@ class Establishment:
             listen_on,
             self.settings.bind_ports,
             addresses,
-            self._bind_listening,
+            lambda listener: self._bind_listening(listener.host, listener.port),
         )
         self.destination_address, _ = host_and_port(inbound.transport.getPeer())
         return inbound

@@ -95,12 +95,20 @@ def next_hop(description: Optional[str]) -> Any:
         return None
     from twisted.internet.endpoints import clientFromString
 
+    from OpenSSL import crypto
+    from twisted.internet.error import VerifyError
+
     from socksident.nexthop import NextHop
 
     try:
         endpoint = clientFromString(global_reactor(), description)
-    except (ValueError, TypeError, KeyError, OSError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, OSError, AttributeError, VerifyError) as error:
         raise usage.UsageError(f"--next-hop {description!r}: {error}")
+    except crypto.Error as error:
+        # tls:'s certificate=/privateKey= (or trustRoots=) hold no PEM it can read.
+        raise usage.UsageError(
+            f"--next-hop {description!r}: cannot read a certificate or key ({error})"
+        )
     return NextHop(endpoint, description)
 
 

@@ -37,7 +37,8 @@ class SOCKS4ServerFactory(Factory):
     """Holds what all connections share: policy, settings, reactor, resolver.
 
     It also keeps the CONNECT relays open per client host and destination
-    (`bind.OpenConnects`), so a BIND can be limited to follow a primary
+    (`bind.OpenConnects`: by address, and through the next hop by the
+    destination named), so a BIND can be limited to follow a primary
     CONNECT.
     """
 
@@ -57,6 +58,7 @@ class SOCKS4ServerFactory(Factory):
         self._resolver = resolver
         self.ident_query = ident_query
         self.open_connects = bind.OpenConnects()
+        self.open_hop_connects = bind.OpenConnects()
         self.live = LiveCounts()
         self.open_connections: set[SOCKS4Server] = set()
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident import bind, splice
+from socksident import splice
 from socksident.accesslog import AccessRecord, emit
 from socksident.address import host_and_port
 from socksident.connection import ConnectionInfo
@@ -263,16 +263,19 @@ class SOCKS4Server(Protocol):
         self._chain.addCallbacks(self._granted, self._ended)
         self._chain.addErrback(self._unexpected)
 
-    def _bind_listening(self, listener: bind.OneShotListener) -> None:
-        """BIND's first reply: where the application server should connect."""
-        self._send_reply(ReplyCode.GRANTED, listener.port, reply_address(listener.host))
+    def _bind_listening(self, host: str, port: int) -> None:
+        """BIND's first reply: where the application server should connect
+        (our listener, or the next hop's)."""
+        self._send_reply(ReplyCode.GRANTED, port, reply_address(host))
         self._enter(State.BIND_WAIT)
         self._deadline.set(self.settings.bind_timeout, "no inbound BIND connection")
 
     def _granted(self, remote: RemoteProtocol) -> None:
         self._deadline.cancel()
         self._time_to_grant = self.reactor.seconds() - self.started
-        peer_host, peer_port = host_and_port(remote.transport.getPeer())
+        assert self._establishing is not None
+        granted = self._establishing.granted_address
+        peer_host, peer_port = granted or host_and_port(remote.transport.getPeer())
         self._send_reply(ReplyCode.GRANTED, peer_port, reply_address(peer_host))
         relay = Relay(
             self.transport,

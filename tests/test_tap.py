@@ -266,3 +266,24 @@ def test_source_address_one_per_family_of_this_host() -> None:
     ]:
         with pytest.raises(usage.UsageError, match=message):
             Options().parseOptions(argv)
+
+
+def test_a_next_hop_client_certificate_that_cannot_be_used_is_a_usage_error(tmp_path) -> None:
+    from tests.integration.test_next_hop_chain import make_ca, make_server_certificate
+
+    ca = make_ca(tmp_path / "ca", "test CA")
+    key, cert = make_server_certificate(tmp_path, ca, "127.0.0.1", "a")
+    other_key, _ = make_server_certificate(tmp_path, ca, "127.0.0.1", "b")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not PEM")
+    hop = "tls:host=127.0.0.1:port=1443"
+    assert parse("--next-hop", f"{hop}:certificate={cert}:privateKey={key}")["next_hop"] is not None
+    for extra, why in [
+        (f":certificate={cert}:privateKey={other_key}", "do not match"),
+        (f":certificate={cert}:privateKey={junk}", "cannot read a certificate or key"),
+        (f":certificate={cert}", "cannot read a certificate or key"),  # no key in it
+        (f":certificate={tmp_path / 'missing.pem'}", "No such file"),
+    ]:
+        with pytest.raises(usage.UsageError) as info:
+            parse("--next-hop", hop + extra)
+        assert str(info.value).startswith("--next-hop 'tls:") and why in str(info.value)

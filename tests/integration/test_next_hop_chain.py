@@ -8,9 +8,11 @@ SOCKS4A over real sockets, plain TCP or TLS with certificates made here.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import ipaddress
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pytest
 import pytest_twisted
@@ -103,9 +105,9 @@ def make_ca(directory: Path, common: str) -> tuple[Any, x509.Certificate]:
 
 
 def make_server_certificate(
-    directory: Path, ca: tuple[Any, x509.Certificate], ip: str
+    directory: Path, ca: tuple[Any, x509.Certificate], ip: str, stem: str = "hop"
 ) -> tuple[Path, Path]:
-    """A certificate for `ip` signed by `ca`; (key path, certificate path)."""
+    """A certificate for `ip` signed by `ca`; (key path, certificate path), named by `stem`."""
     ca_key, ca_certificate = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -125,14 +127,16 @@ def make_server_certificate(
         .sign(ca_key, hashes.SHA256())
     )
     key_path = _pem(
-        directory / "hop-key.pem",
+        directory / f"{stem}-key.pem",
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
     )
-    cert_path = _pem(directory / "hop-cert.pem", certificate.public_bytes(serialization.Encoding.PEM))
+    cert_path = _pem(
+        directory / f"{stem}-cert.pem", certificate.public_bytes(serialization.Encoding.PEM)
+    )
     return key_path, cert_path
 
 
@@ -143,9 +147,13 @@ def make_server_certificate(
 async def listening():
     ports: list[IListeningPort] = []
 
-    async def listen(description: str, factory: SOCKS4ServerFactory) -> int:
+    async def listen(description: Union[str, Any], factory: SOCKS4ServerFactory) -> int:
+        """Listen on a server endpoint description, or on a server endpoint."""
         factory.noisy = False
-        port = await bounded(serverFromString(reactor, description).listen(factory), 5)
+        endpoint = (
+            serverFromString(reactor, description) if isinstance(description, str) else description
+        )
+        port = await bounded(endpoint.listen(factory), 5)
         ports.append(port)
         return int(port.getHost().port)
 
@@ -411,3 +419,143 @@ async def test_a_hop_that_is_down_or_speaks_garbage_is_91(
     assert record.next_hop_reply.startswith(expected), record.next_hop_reply
     if kind == "garbage":  # and we closed our connection to it
         await wait_until(lambda: len(Garbage.closed) == 1, 5, "the hop connection to close")
+
+
+# -- BIND through the next hop -------------------------------------------------------
+
+
+def bind_through_the_hop(a: int, down: bytes, up: bytes) -> dict[str, Any]:
+    """Blocking, in a thread: the client's primary CONNECT and its BIND both go
+    through A to the application server only B can name; the application
+    server connects to where B listens.  Then each side half-closes in turn."""
+    from tests.integration.test_bind import (
+        connect_socket,
+        read_reply,
+        recv_until_eof,
+        request,
+    )
+
+    name = ONLY_AT_THE_END.encode()
+    app_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    app_listener.settimeout(15)
+    app_listener.bind((LOOPBACK, 0))
+    app_listener.listen(4)
+    app_port = app_listener.getsockname()[1]
+    sockets = [app_listener]
+    try:
+        control = connect_socket(LOOPBACK, a)
+        sockets.append(control)
+        control.sendall(request(1, app_port, "0.0.0.1", b"carol", name))
+        assert read_reply(control)[0] == 90, "primary CONNECT"
+        app_control, _ = app_listener.accept()
+        sockets.append(app_control)
+
+        data = connect_socket(LOOPBACK, a)
+        sockets.append(data)
+        data.sendall(request(2, app_port, "0.0.0.1", b"carol", name))
+        result: dict[str, Any] = {"first": read_reply(data)}
+        code, port, host = result["first"]
+        assert code == 90, f"first BIND reply {code}"
+        inbound = connect_socket(host, port)
+        sockets.append(inbound)
+        result["app_address"] = inbound.getsockname()
+        result["second"] = read_reply(data)
+        inbound.sendall(down)
+        inbound.shutdown(socket.SHUT_WR)
+        result["client_got"] = recv_until_eof(data)  # the FIN came through both hops
+        data.sendall(up)  # and the other direction still flows
+        data.shutdown(socket.SHUT_WR)
+        result["app_got"] = recv_until_eof(inbound)
+        control.close()
+        app_control.close()
+        return result
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bind_for_a_name_only_the_hop_resolves_goes_through_it(listening, access_events):
+    from tests.integration.test_bind import in_thread
+
+    b = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})))
+    hop = f"tcp:{LOOPBACK}:{b}"
+    first_names = NameTable()
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(first_names, hop))
+    down, up = os.urandom(256 * 1024), os.urandom(64 * 1024 + 3)
+
+    result = await in_thread(bind_through_the_hop, a, down, up)
+
+    code, port, host = result["first"]
+    assert host == LOOPBACK and port not in (0, a, b)  # where B listens, as B said
+    app_host, app_port = result["app_address"]
+    assert result["second"] == (90, app_port, app_host)  # B's second reply, passed on
+    assert result["client_got"] == down and result["app_got"] == up
+    assert first_names.asked == [ONLY_AT_THE_END, ONLY_AT_THE_END]
+
+    await wait_until(lambda: len(access_events) == 4, 10, "four access records")
+    binds = [e["access_record"] for e in access_events if e["command"] == "BIND"]
+    outer, inner = sorted(binds, key=lambda r: r.connection.server_port != a)
+    assert outer.connection.server_port == a and inner.connection.server_port == b
+    assert outer.replies == inner.replies == (90, 90)
+    assert outer.next_hop == hop and outer.next_hop_reply == "90, 90"
+    assert inner.next_hop is None and inner.address == LOOPBACK  # B's DSTIP check passed
+    assert inner.request.user_id == "carol" and inner.request.hostname == ONLY_AT_THE_END
+    for record in (outer, inner):
+        assert (record.bytes_up, record.bytes_down) == (len(up), len(down))
+
+
+# -- a TLS hop that requires a client certificate --------------------------------------
+
+
+def requiring_client_certificates(key: Path, cert: Path, client_ca: x509.Certificate) -> Any:
+    """A TLS listener that verifies its clients against `client_ca` and refuses
+    those without a certificate (Twisted's ssl: description cannot ask this)."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    server = ssl.PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes())
+    authority = ssl.Certificate.loadPEM(client_ca.public_bytes(serialization.Encoding.PEM))
+    options = server.options(authority)  # verify=True, requireCertificate=True
+    return SSL4ServerEndpoint(reactor, 0, options, interface=LOOPBACK)
+
+
+@pytest.mark.parametrize("with_certificate", [True, False], ids=["certificate", "none"])
+@pytest_twisted.ensureDeferred
+async def test_a_hop_that_requires_a_client_certificate(
+    tmp_path, listening, echo_server, certificates, access_events, with_certificate
+):
+    client_ca = make_ca(tmp_path / "client-ca", "socksident client CA")
+    client_key, client_cert = make_server_certificate(tmp_path, client_ca, LOOPBACK, "a")
+    b = await listening(
+        requiring_client_certificates(certificates["key"], certificates["cert"], client_ca[1]),
+        proxy(NameTable({ONLY_AT_THE_END: LOOPBACK})),
+    )
+    hop = tls_hop(LOOPBACK, b, certificates["good"])
+    if with_certificate:
+        hop += ":certificate={}:privateKey={}".format(
+            quoteStringArgument(str(client_cert)), quoteStringArgument(str(client_key))
+        )
+    a = await listening(f"tcp:0:interface={LOOPBACK}", proxy(NameTable(), hop))
+    lines, observer = hop_log_lines()
+    try:
+        if with_certificate:
+            assert await echoed_over_tls(a, echo_server.port) == b"hello"
+            await echo_server.wait_all_closed()
+        else:
+            with pytest.raises(RequestRejectedOrFailed) as info:
+                await echoed_over_tls(a, echo_server.port)
+            assert info.value.code == 91
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    first = by_listener(access_events)[a]
+    assert first.next_hop == hop
+    if with_certificate:
+        assert lines == []
+        assert first.replies == (90,) and first.next_hop_reply == "90"
+        assert by_listener(access_events)[b].replies == (90,)
+    else:
+        assert echo_server.connections == []
+        assert len(lines) == 1, lines
+        assert hop in lines[0] and "certificate required" in lines[0], lines[0]
+        assert first.replies == (91,) and "certificate required" in first.next_hop_reply
