@@ -156,3 +156,22 @@ def test_the_tester_shows_the_route(tmp_path: Path) -> None:
     assert route_lines(rules, "--src", "127.0.0.1", "--dst", "127.0.0.1:80") == [
         f"decision: permit (90): permitted by {rules}:3",
     ]
+
+
+@pytest.mark.parametrize(
+    "route, resolved, reason",
+    [
+        # a via=next-hop line names the hop as the reason even for a name
+        # that does not resolve here either
+        (Route.NEXT_HOP, False,
+         "the policy sends db.internal.example via the next hop, but no --next-hop is set"),
+        (Route.DIRECT, False,
+         "db.internal.example does not resolve here, and the policy forbids the next hop"
+         " (via=direct)"),
+    ],
+)
+def test_a_decision_without_a_rule_is_named_the_policy(route, resolved, reason) -> None:
+    decision = Decision(ReplyCode.GRANTED, "ok", route=route)
+    with pytest.raises(RequestRejectedOrFailed) as info:
+        through_next_hop(decision, "db.internal.example", resolved, False)
+    assert info.value.reason == reason
