@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP
 from twisted.internet.protocol import ServerFactory
 
 from socksident.address import host_and_port
-from socksident.relay import RemoteProtocol
+from socksident.remote import RemoteProtocol
 from socksident.socks4 import RequestRejectedOrFailed
 
 __all__ = [

@@ -33,7 +33,7 @@ from socksident.policy import (
     Route,
     through_next_hop,
 )
-from socksident.relay import RemoteProtocol
+from socksident.remote import RemoteProtocol
 from socksident.settings import ServerSettings
 from socksident.socks4 import Command, Request, RequestRejectedOrFailed
 

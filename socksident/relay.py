@@ -32,22 +32,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
     IPullProducer,
     IPushProducer,
     ISSLTransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident import linger
 from socksident._types import DelayedCall, ReactorTime
 from socksident.settings import ServerSettings
-from socksident.splice import Splicer
+from socksident.splice import Splicer, spliceable, splice_available
 
-__all__ = ["PendingEvents", "Relay", "RelaySide", "RemoteProtocol"]
+__all__ = ["Relay", "RelaySide"]
 
 log = Logger()
 
@@ -161,6 +158,31 @@ class Relay:
         self._drained_sides: set[str] = set()
         self._splicer: Optional[Splicer] = None
         self.mode = "twisted"  # "splice" once the kernel moved the bytes
+
+    @classmethod
+    def for_connection(
+        cls,
+        client_transport: Any,
+        remote_transport: Any,
+        reactor: ReactorTime,
+        on_finished: Callable[["Relay"], None],
+        settings: ServerSettings,
+    ) -> "Relay":
+        """A relay under `settings`' time limits, spliced when `--relay splice`
+        and both transports are plain TCP on a platform with `os.splice`."""
+        return cls(
+            client_transport,
+            remote_transport,
+            reactor,
+            on_finished,
+            settings.idle_timeout,
+            settings.linger_timeout,
+            settings.paused_check_interval,
+            splice=settings.relay == "splice"
+            and splice_available()
+            and spliceable(client_transport)
+            and spliceable(remote_transport),
+        )
 
     @property
     def bytes_up(self) -> int:
@@ -371,85 +393,3 @@ class Relay:
                 call.cancel()
         self._idle_call = self._linger_call = self._check_call = None
         self._on_finished(self)
-
-
-class PendingEvents:
-    """What one connection did before its relay existed, to replay in order.
-
-    Bytes (the caller bounds them: the client by pausing or refusing, the
-    destination by staying paused), then at most one end: a FIN or a loss.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self.size = 0
-        self.read_closed = False
-        self.lost = False
-
-    def data(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self.size += len(data)
-
-    def take_data(self) -> bytes:
-        """The bytes kept so far, in order; they are not replayed again."""
-        data, self._chunks = b"".join(self._chunks), []
-        return data
-
-    def replay(self, relay: Relay, side: RelaySide) -> None:
-        """Hand the kept events to `relay` as `side`'s; resume reading a side
-        that is still open, since it was held paused until now."""
-        data = self.take_data()
-        if data:
-            relay.data(side, data)
-        if self.lost:
-            relay.lost(side)
-        elif self.read_closed:
-            relay.read_closed(side)
-        else:
-            relay.resume(side)
-
-
-@implementer(IHalfCloseableProtocol)
-class RemoteProtocol(Protocol):
-    """The proxy's connection to the destination (CONNECT) or from it (BIND).
-
-    It holds its transport paused until a relay is attached, so nothing is
-    read before the client has its reply; events that happen before that
-    are kept and replayed.
-    """
-
-    transport: Any  # a TCP transport: also a push producer and a consumer
-
-    def __init__(self) -> None:
-        self.relay: Optional[Relay] = None
-        self.side: Optional[RelaySide] = None
-        self.pending = PendingEvents()
-
-    def connectionMade(self) -> None:
-        self.transport.pauseProducing()
-
-    def attach(self, relay: Relay) -> None:
-        """Join a started relay, replaying what happened while we waited."""
-        self.relay, self.side = relay, relay.remote
-        self.pending.replay(relay, relay.remote)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.data(self.side, data)
-        else:  # a transport that cannot pause at once; bounded by one read
-            self.pending.data(data)
-
-    def readConnectionLost(self) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.read_closed(self.side)
-        else:
-            self.pending.read_closed = True
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN went out; the other direction may still carry data."""
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.lost(self.side)
-        else:
-            self.pending.lost = True

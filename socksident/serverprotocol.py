@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident import splice
 from socksident.accesslog import AccessRecord, emit
 from socksident.address import host_and_port
 from socksident.connection import ConnectionInfo
@@ -32,7 +31,8 @@ from socksident.establish import Establishment, SharedState
 from socksident.ident import IdentAnswer
 from socksident.livecounts import Admission, LiveCounts
 from socksident.proxy import HeaderParser, ProxyCommand, ProxyHeader, ProxyHeaderError
-from socksident.relay import PendingEvents, Relay, RemoteProtocol
+from socksident.relay import Relay
+from socksident.remote import PendingEvents, RemoteProtocol
 from socksident.socks4 import (
     Command,
     MalformedRequest,
@@ -277,18 +277,8 @@ class SOCKS4Server(Protocol):
         granted = self._establishing.granted_address
         peer_host, peer_port = granted or host_and_port(remote.transport.getPeer())
         self._send_reply(ReplyCode.GRANTED, peer_port, reply_address(peer_host))
-        relay = Relay(
-            self.transport,
-            remote.transport,
-            self.reactor,
-            self._relay_finished,
-            self.settings.idle_timeout,
-            self.settings.linger_timeout,
-            self.settings.paused_check_interval,
-            splice=self.settings.relay == "splice"
-            and splice.available()
-            and splice.spliceable(self.transport)
-            and splice.spliceable(remote.transport),
+        relay = Relay.for_connection(
+            self.transport, remote.transport, self.reactor, self._relay_finished, self.settings
         )
         self.relay = relay
         self._enter(State.RELAY)

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReadWriteDescriptor, ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["SpliceEvents", "Splicer", "available", "spliceable"]
+__all__ = ["SpliceEvents", "Splicer", "splice_available", "spliceable"]
 
 _SPLICE_F_MOVE = 1
 _SPLICE_F_NONBLOCK = 2
@@ -38,7 +38,7 @@ _ROUNDS = 16  # splice calls per direction per wake-up, so neither starves the o
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-def available() -> bool:
+def splice_available() -> bool:
     """Whether this platform has `os.splice` (Linux, Python 3.10+)."""
     return sys.platform.startswith("linux") and hasattr(os, "splice")
 

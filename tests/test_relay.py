@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from socksident.relay import PendingEvents, Relay, RemoteProtocol
+from socksident.relay import Relay
+from socksident.remote import PendingEvents, RemoteProtocol
 
 Call = tuple[Any, ...]
 

@@ -16,7 +16,7 @@ from integration.conftest import skip_unless_strict
 
 @pytest.fixture(autouse=True)
 def linux() -> None:
-    if not splice.available():
+    if not splice.splice_available():
         skip_unless_strict("os.splice needs Linux")
 
 

@@ -1,0 +1,101 @@
+"""The destination's side of a relay, and what either side did before the relay existed.
+
+`RemoteProtocol` holds the destination's connection paused until the client
+has its reply and the relay is attached; `PendingEvents` keeps, for it and
+for the client, the bytes and the end that came before, to replay in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socksident.relay import Relay, RelaySide
+
+__all__ = ["PendingEvents", "RemoteProtocol"]
+
+
+class PendingEvents:
+    """What one connection did before its relay existed, to replay in order.
+
+    Bytes (the caller bounds them: the client by pausing or refusing, the
+    destination by staying paused), then at most one end: a FIN or a loss.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.read_closed = False
+        self.lost = False
+
+    def data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def take_data(self) -> bytes:
+        """The bytes kept so far, in order; they are not replayed again."""
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+    def replay(self, relay: Relay, side: RelaySide) -> None:
+        """Hand the kept events to `relay` as `side`'s; resume reading a side
+        that is still open, since it was held paused until now."""
+        data = self.take_data()
+        if data:
+            relay.data(side, data)
+        if self.lost:
+            relay.lost(side)
+        elif self.read_closed:
+            relay.read_closed(side)
+        else:
+            relay.resume(side)
+
+
+@implementer(IHalfCloseableProtocol)
+class RemoteProtocol(Protocol):
+    """The proxy's connection to the destination (CONNECT) or from it (BIND).
+
+    It holds its transport paused until a relay is attached, so nothing is
+    read before the client has its reply; events that happen before that
+    are kept and replayed.
+    """
+
+    transport: Any  # a TCP transport: also a push producer and a consumer
+
+    def __init__(self) -> None:
+        self.relay: Optional[Relay] = None
+        self.side: Optional[RelaySide] = None
+        self.pending = PendingEvents()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+    def attach(self, relay: Relay) -> None:
+        """Join a started relay, replaying what happened while we waited."""
+        self.relay, self.side = relay, relay.remote
+        self.pending.replay(relay, relay.remote)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.data(self.side, data)
+        else:  # a transport that cannot pause at once; bounded by one read
+            self.pending.data(data)
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.read_closed(self.side)
+        else:
+            self.pending.read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out; the other direction may still carry data."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.relay is not None and self.side is not None:
+            self.relay.lost(self.side)
+        else:
+            self.pending.lost = True
