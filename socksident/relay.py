@@ -18,8 +18,8 @@ open side's own end, or the idle timeout end it.
 Twisted will not close a transport that still has a producer registered, so
 every shutdown below unregisters first.
 
-With `splice`, once both transports have written everything Twisted holds
-for them (the reply, early data), the relay hands the two sockets to a
+With `splice`, once a relay has moved `SPLICE_AFTER` bytes and both
+transports have written everything Twisted holds for them, it hands the two sockets to a
 `splice.Splicer` and the bytes stop passing through Python; any event that
 is not steady flow (a FIN, an error, a time limit, a reset, the server
 cutting the connection off) gives the sockets, and the bytes still in the
@@ -47,6 +47,10 @@ from socksident.splice import Splicer, spliceable, splice_available
 __all__ = ["Relay", "RelaySide"]
 
 log = Logger()
+
+#: Bytes a relay moves through Twisted before it is spliced: most short
+#: exchanges end before this and never pay for the pipes.
+SPLICE_AFTER = 128 * 1024
 
 
 class RelaySide:
@@ -152,8 +156,8 @@ class Relay:
         self.idle_closed = False
         self.cut_off: linger.CutOff = None
         self.dropped = 0
-        self._splice_wanted = splice  # until the sockets are spliced or it is too late
-        self._resumed: set[str] = set()  # sides whose events before the relay are replayed
+        self._splice_possible = splice  # until it is tried (or it is too late)
+        self._splice_wanted = False  # waiting for Twisted's buffers to drain
         self._waiting: list[_UntilDrained] = []
         self._drained_sides: set[str] = set()
         self._splicer: Optional[Splicer] = None
@@ -204,8 +208,7 @@ class Relay:
             # Written before the pairing, so a full buffer cannot pause the
             # client before the caller resumes it; the next write will.
             self.data(self.client, early_data)
-        if not self._splice_wanted:
-            self._pair(client, remote)
+        self._pair(client, remote)
         self._arm_idle_timer()
 
     def _pair(self, client: Any, remote: Any) -> None:
@@ -215,13 +218,21 @@ class Relay:
 
     def resume(self, side: RelaySide) -> None:
         """`side`'s events from before the relay are replayed: read it from now
-        (with `splice`, once both sides are here and Twisted's buffers empty)."""
+        (unless both sides wait to be spliced: then the splicer reads it)."""
         if not self._splice_wanted:
             side.transport.resumeProducing()
+
+    def _prepare_splice(self) -> None:
+        """A connection that has moved `SPLICE_AFTER` bytes is worth two pipes:
+        stop reading both sides, and splice once Twisted's buffers are empty."""
+        self._splice_possible = False
+        if any(side.read_closed or side.lost or side.closing for side in (self.client, self.remote)):
             return
-        self._resumed.add(side.name)
-        if len(self._resumed) == 2:
-            self._waiting = [_UntilDrained(self, self.client), _UntilDrained(self, self.remote)]
+        for side in (self.client, self.remote):
+            side.unregister_producer()
+            side.transport.pauseProducing()
+        self._splice_wanted = True
+        self._waiting = [_UntilDrained(self, self.client), _UntilDrained(self, self.remote)]
 
     def _drained(self, side: RelaySide) -> None:
         self._drained_sides.add(side.name)
@@ -233,9 +244,7 @@ class Relay:
                 splicer = Splicer(self._reactor, client.fileno(), remote.fileno(), self)
             except OSError as error:
                 log.warn("no splice relay ({error}): relaying through Twisted", error=error)
-                self._pair(client, remote)
-                client.resumeProducing()
-                remote.resumeProducing()
+                self._back_to_twisted({})
                 return
             for transport in (client, remote):
                 transport.stopReading()
@@ -257,8 +266,11 @@ class Relay:
             left = {}
         else:
             return
-        client, remote = self.client.transport, self.remote.transport
-        self._pair(client, remote)
+        self._back_to_twisted(left)
+
+    def _back_to_twisted(self, left: dict[str, bytes]) -> None:
+        """Pair the transports again, write what the pipes held, read again."""
+        self._pair(self.client.transport, self.remote.transport)
         sides = (self.client, self.remote)
         for side in sides:
             side.paused = False
@@ -267,7 +279,7 @@ class Relay:
                 assert side.peer is not None
                 side.peer.transport.write(left[side.name])  # may pause `side` again
         for side in sides:
-            if (splicer is not None or side.name in self._resumed) and not side.paused:
+            if not (side.paused or side.lost or side.read_closed):
                 side.transport.resumeProducing()
 
     # -- what the splicer tells (`splice.SpliceEvents`) -----------------------------
@@ -288,6 +300,8 @@ class Relay:
         if not side.peer.lost:
             side.peer.transport.write(data)
         self._arm_idle_timer()
+        if self._splice_possible and self.bytes_up + self.bytes_down >= SPLICE_AFTER:
+            self._prepare_splice()
 
     def read_closed(self, side: RelaySide) -> None:
         """A FIN from one side: shut the other side's write half, keep the rest."""
