@@ -49,6 +49,11 @@ class NextHop:
     def __repr__(self) -> str:
         return f"<NextHop {self.name}>"
 
+    def _through(self, request: Request) -> tuple[str, int, IStreamClientEndpoint, bytes]:
+        """The endpoint arguments for `request` through this hop: the
+        destination as the client named it (unresolved) and its USERID."""
+        return request.destination, request.port, self.endpoint, request.user_id.encode("latin-1")
+
     async def connect(
         self, reactor: ReactorTime, request: Request, timeout: float, factory: IProtocolFactory
     ) -> IProtocol:
@@ -56,14 +61,7 @@ class NextHop:
 
         Cancelling (the server's own deadline) closes the hop connection.
         """
-        endpoint = SOCKS4ClientEndpoint(
-            request.destination,
-            request.port,
-            self.endpoint,
-            request.user_id.encode("latin-1"),
-            timeout=timeout,
-            reactor=reactor,
-        )
+        endpoint = SOCKS4ClientEndpoint(*self._through(request), timeout=timeout, reactor=reactor)
         try:
             protocol: IProtocol = await endpoint.connect(factory)
         except Exception as error:
@@ -89,14 +87,7 @@ class NextHop:
         `timeout` only backs up the server's deadlines, which cancel this
         (closing the hop connection).
         """
-        endpoint = SOCKS4BindEndpoint(
-            request.destination,
-            request.port,
-            self.endpoint,
-            request.user_id.encode("latin-1"),
-            timeout=timeout,
-            reactor=reactor,
-        )
+        endpoint = SOCKS4BindEndpoint(*self._through(request), timeout=timeout, reactor=reactor)
         pending = endpoint.bind(factory)
         first: list[IPv4Address] = []
         unusable: list[NextHopFailed] = []
