@@ -173,7 +173,7 @@ class Relay:
         settings: ServerSettings,
     ) -> "Relay":
         """A relay under `settings`' time limits, spliced when `--relay splice`
-        and both transports are plain TCP on a platform with `os.splice`."""
+        (once it is worth it, and if both transports can be: `_prepare_splice`)."""
         return cls(
             client_transport,
             remote_transport,
@@ -182,10 +182,7 @@ class Relay:
             settings.idle_timeout,
             settings.linger_timeout,
             settings.paused_check_interval,
-            splice=settings.relay == "splice"
-            and splice_available()
-            and spliceable(client_transport)
-            and spliceable(remote_transport),
+            splice=settings.relay == "splice",
         )
 
     @property
@@ -224,11 +221,15 @@ class Relay:
 
     def _prepare_splice(self) -> None:
         """A connection that has moved `SPLICE_AFTER` bytes is worth two pipes:
-        stop reading both sides, and splice once Twisted's buffers are empty."""
+        stop reading both sides, and splice once Twisted's buffers are empty.
+        Checked here, not per connection: most relays never get this far."""
         self._splice_possible = False
-        if any(side.read_closed or side.lost or side.closing for side in (self.client, self.remote)):
+        sides = (self.client, self.remote)
+        if not splice_available() or not all(spliceable(side.transport) for side in sides):
             return
-        for side in (self.client, self.remote):
+        if any(side.read_closed or side.lost or side.closing for side in sides):
+            return
+        for side in sides:
             side.unregister_producer()
             side.transport.pauseProducing()
         self._splice_wanted = True
