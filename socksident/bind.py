@@ -41,7 +41,9 @@ class _InboundProtocol(RemoteProtocol):
         self._ready = ready
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        # Nothing is read from a connection that may yet be refused (the
+        # DSTIP check); the relay resumes it.
+        self.transport.pauseProducing()
         if not self._ready.called:
             self._ready.callback(self)
         else:

@@ -43,6 +43,7 @@ from socksident import linger
 from socksident._types import DelayedCall, ReactorTime
 from socksident.settings import ServerSettings
 from socksident.splice import Splicer, spliceable, splice_available
+from socksident.writenow import close_now, close_write_now, write_now
 
 __all__ = ["Relay", "RelaySide"]
 
@@ -278,7 +279,7 @@ class Relay:
         for side in sides:
             if left.get(side.name):
                 assert side.peer is not None
-                side.peer.transport.write(left[side.name])  # may pause `side` again
+                write_now(side.peer.transport, left[side.name])  # may pause `side` again
         for side in sides:
             if not (side.paused or side.lost or side.read_closed):
                 side.transport.resumeProducing()
@@ -299,7 +300,7 @@ class Relay:
         side.bytes_received += len(data)
         assert side.peer is not None
         if not side.peer.lost:
-            side.peer.transport.write(data)
+            write_now(side.peer.transport, data)
         self._arm_idle_timer()
         if self._splice_possible and self.bytes_up + self.bytes_down >= SPLICE_AFTER:
             self._prepare_splice()
@@ -323,7 +324,7 @@ class Relay:
                 # peer's own close_notify, so the other direction still flows.
                 peer.transport.loseConnection()
             else:
-                peer.transport.loseWriteConnection()
+                close_write_now(peer.transport)
 
     def lost(self, side: RelaySide) -> None:
         if side.lost:
@@ -342,7 +343,7 @@ class Relay:
             return
         side.closing = True
         side.unregister_producer()
-        side.transport.loseConnection()
+        close_now(side.transport)
         if not side.lost and (self._linger_call is None or not self._linger_call.active()):
             self._linger_call = self._reactor.callLater(self._linger_timeout, self._linger_over)
 

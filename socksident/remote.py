@@ -1,8 +1,9 @@
 """The destination's side of a relay, and what either side did before the relay existed.
 
-`RemoteProtocol` holds the destination's connection paused until the client
-has its reply and the relay is attached; `PendingEvents` keeps, for it and
-for the client, the bytes and the end that came before, to replay in order.
+`RemoteProtocol` reads nothing more from the destination once it has kept one
+read, until the client has its reply and the relay is attached;
+`PendingEvents` keeps, for it and for the client, the bytes and the end that
+came before, to replay in order.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ class PendingEvents:
 class RemoteProtocol(Protocol):
     """The proxy's connection to the destination (CONNECT) or from it (BIND).
 
-    It holds its transport paused until a relay is attached, so nothing is
-    read before the client has its reply; events that happen before that
-    are kept and replayed.
+    Until a relay is attached, it keeps what happens and replays it then.
+    It pauses its transport at the first bytes that come before the relay,
+    so at most one read is held; it does not pause on connecting, because
+    the reply and the relay usually follow in the same reactor turn, and a
+    pause and resume would be two ``epoll_ctl`` calls for nothing.
     """
 
     transport: Any  # a TCP transport: also a push producer and a consumer
@@ -71,9 +74,6 @@ class RemoteProtocol(Protocol):
         self.side: Optional[RelaySide] = None
         self.pending = PendingEvents()
 
-    def connectionMade(self) -> None:
-        self.transport.pauseProducing()
-
     def attach(self, relay: Relay) -> None:
         """Join a started relay, replaying what happened while we waited."""
         self.relay, self.side = relay, relay.remote
@@ -82,8 +82,9 @@ class RemoteProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None and self.side is not None:
             self.relay.data(self.side, data)
-        else:  # a transport that cannot pause at once; bounded by one read
+        else:
             self.pending.data(data)
+            self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
         if self.relay is not None and self.side is not None:

@@ -47,6 +47,7 @@ from socksident.socks4 import (
     reply_address,
 )
 from socksident.state import State, enter
+from socksident.writenow import write_now
 
 __all__ = ["ClientGone", "ServerShared", "SOCKS4Server"]
 
@@ -324,7 +325,7 @@ class SOCKS4Server(Protocol):
     # -- endings --------------------------------------------------------------
 
     def _send_reply(self, code: ReplyCode, port: int = 0, address: str = "0.0.0.0") -> None:
-        self.transport.write(build_reply(code, port, address))
+        write_now(self.transport, build_reply(code, port, address))
         self._replies.append(code)
 
     def _reply_and_close(self, refusal: SOCKS4Refusal) -> None:

@@ -499,16 +499,29 @@ def test_remote_protocol_is_half_closeable():
     assert IHalfCloseableProtocol.providedBy(RemoteProtocol())
 
 
-def test_remote_is_paused_from_connection_until_attach():
+def test_remote_is_paused_at_its_first_bytes_before_attach_and_resumed_on_attach():
     log: list[Call] = []
     proto, transport = connected_remote(log)
+    assert transport.calls() == []  # connecting alone costs no pause
+    proto.dataReceived(b"banner")
     assert transport.calls() == [("pauseProducing",)]
     relay, client, _ = started_relay(log, transport)
     assert transport.paused
     proto.attach(relay)
     assert not transport.paused
-    assert transport.calls()[-1] == ("resumeProducing",)
+    assert client.value() == b"banner"
     assert [c for c in transport.calls() if c[0] == "resumeProducing"] == [("resumeProducing",)]
+
+
+def test_remote_attached_before_it_sent_anything_was_never_paused():
+    log: list[Call] = []
+    proto, transport = connected_remote(log)
+    relay, client, _ = started_relay(log, transport)
+    proto.attach(relay)
+    assert ("pauseProducing",) not in transport.calls()
+    assert not transport.paused
+    proto.dataReceived(b"first")
+    assert client.value() == b"first"
 
 
 def test_attached_remote_feeds_the_relay():
