@@ -50,6 +50,7 @@ def host_and_port(address: Any) -> tuple[str, int]:
     return (plain_host(host) if isinstance(host, str) else "?", port if isinstance(port, int) else 0)
 
 
+@functools.lru_cache(maxsize=4096)
 def plain_host(host: str) -> str:
     """`host` with an IPv4-mapped address spelled as IPv4; other text unchanged."""
     address = ip_of(host)

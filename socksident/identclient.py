@@ -34,6 +34,7 @@ from socksident.ident import (
     ResponseReader,
     build_query,
 )
+from socksident.writenow import close_now, write_now
 
 __all__ = ["IDENT_PORT", "DEFAULT_TIMEOUT", "IdentQuery", "IdentReactor", "SharedIdentQuery", "query_ident"]
 
@@ -185,7 +186,7 @@ class _IdentQuery:
             transport.abortConnection()
             return
         self._transport = transport
-        transport.write(self._query)
+        write_now(transport, self._query)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -241,7 +242,7 @@ class _IdentQuery:
             if abort:
                 transport.abortConnection()
             else:
-                transport.loseConnection()
+                close_now(transport)
         elif self._connecting and self._connector is not None:
             self._connecting = False
             self._connector.stopConnecting()

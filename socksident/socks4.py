@@ -15,6 +15,7 @@ moving from that client changes only an import.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import socket
@@ -283,6 +284,7 @@ class RequestParser:
         return request, end
 
 
+@functools.lru_cache(maxsize=4096)
 def reply_address(host: str) -> str:
     """The DSTIP a reply can carry for `host`: replies hold IPv4 only, and
     0.0.0.0 tells the client to use the proxy's own address."""
