@@ -181,10 +181,13 @@ def danted_path() -> Optional[str]:
         (p for p in ("/usr/sbin/danted",) if os.access(p, os.X_OK)), None)
 
 
-def dante(ident: bool) -> Callable[[Path, int], Process]:
+def dante(ident: bool, log: bool = False) -> Callable[[Path, int], Process]:
+    """danted with one SOCKS4 pass rule; `log` adds its lines per session
+    (socksident always writes an access record), for a like-for-like figure."""
     def start(workdir: Path, port: int) -> Process:
         conf = workdir / f"danted-{port}.conf"
         method = "rfc931" if ident else "none"
+        logged = "  log: connect disconnect\n" if log else ""
         conf.write_text(
             f"logoutput: {workdir / 'danted.log'}\n"
             f"internal: {LOOPBACK} port = {port}\nexternal: {LOOPBACK}\n"
@@ -192,7 +195,7 @@ def dante(ident: bool) -> Callable[[Path, int], Process]:
             "user.privileged: root\nuser.unprivileged: nobody\n"
             "client pass {\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n}\n"
             "socks pass {\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n  command: connect\n"
-            f"  protocol: tcp\n  proxyprotocol: socks_v4\n  socksmethod: {method}\n}}\n")
+            f"  protocol: tcp\n  proxyprotocol: socks_v4\n  socksmethod: {method}\n{logged}}}\n")
         # No -D: the foreground.  -N 1: one mother process.
         return Process("dante", [str(danted_path()), "-f", str(conf), "-N", "1",
                                  "-p", str(workdir / f"danted-{port}.pid")], workdir)
@@ -260,6 +263,8 @@ def servers(want: list[str], ident: bool) -> tuple[list[Server], list[str]]:
     found.append(Server("twistd socks", twisted_socks))
     if danted_path():
         found.append(Server("dante", dante(False)))
+        found.append(Server("dante logging", dante(False, log=True),
+                            note="log: connect disconnect, a line per session as socksident writes"))
     else:
         skipped.append("dante: danted not found (Debian package dante-server)")
     if ident:
