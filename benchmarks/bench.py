@@ -527,6 +527,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="2 GiB bulk, 10000 idle relays")
     parser.add_argument("--smoke", action="store_true", help="one short round, no plot")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=int, help="idle relays to hold (default 2000; 10000 with --full)")
     parser.add_argument("--servers", default="", help="comma-separated names (first word)")
     parser.add_argument("--no-ident", action="store_true")
     parser.add_argument("--no-netns", action="store_true")
@@ -549,6 +550,8 @@ def main() -> int:
         plan = Plan({64: 20000, 1: 3000}, 20.0, 2048 * MiB, 10000, "root")
     else:
         plan = Plan({64: 5000, 1: 1000}, 8.0, 256 * MiB, 2000, "root")
+    if args.idle is not None:
+        plan.idle = args.idle
     if os.geteuid() != 0:
         plan.user = "bench"
     want = [w for w in args.servers.split(",") if w]
