@@ -70,25 +70,24 @@ class RemoteProtocol(Protocol):
     transport: Any  # a TCP transport: also a push producer and a consumer
 
     def __init__(self) -> None:
-        self.relay: Optional[Relay] = None
-        self.side: Optional[RelaySide] = None
+        self.relay: Optional[Relay] = None  # attached: this is its remote side
         self.pending = PendingEvents()
 
     def attach(self, relay: Relay) -> None:
         """Join a started relay, replaying what happened while we waited."""
-        self.relay, self.side = relay, relay.remote
+        self.relay = relay
         self.pending.replay(relay, relay.remote)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.data(self.side, data)
+        if self.relay is not None:
+            self.relay.data(self.relay.remote, data)
         else:
             self.pending.data(data)
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.read_closed(self.side)
+        if self.relay is not None:
+            self.relay.read_closed(self.relay.remote)
         else:
             self.pending.read_closed = True
 
@@ -96,7 +95,7 @@ class RemoteProtocol(Protocol):
         """Our FIN went out; the other direction may still carry data."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None and self.side is not None:
-            self.relay.lost(self.side)
+        if self.relay is not None:
+            self.relay.lost(self.relay.remote)
         else:
             self.pending.lost = True

@@ -39,18 +39,18 @@ def _idle_plain_tcp(transport: Any) -> bool:
 
 def write_now(transport: Any, data: bytes) -> None:
     """Send `data` on `transport` now if it can go now, else as `transport.write` would."""
-    if data and _idle_plain_tcp(transport):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            # A full buffer waits for writability; any other error Twisted
-            # meets again on its own write, and closes the connection the
-            # way it always does.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+    if not _idle_plain_tcp(transport):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        # A full buffer waits for writability; any other error Twisted meets
+        # again on its own write, and closes the connection the way it always does.
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def close_write_now(transport: Any) -> None:

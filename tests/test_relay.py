@@ -529,7 +529,7 @@ def test_attached_remote_feeds_the_relay():
     proto, transport = connected_remote(log)
     relay, client, finished = started_relay(log, transport)
     proto.attach(relay)
-    assert proto.side is relay.remote
+    assert proto.relay is relay
     proto.dataReceived(b"from the destination")
     assert client.value() == b"from the destination"
     assert relay.bytes_down == len(b"from the destination")

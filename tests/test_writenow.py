@@ -53,6 +53,14 @@ class Pair:
         self.transport.connected = 1
         self.protocol.makeConnection(self.transport)
         self._got = b""
+        self.queued: list[bytes] = []  # what went through Twisted's own write
+        twisted_write = self.transport.write
+
+        def write(data: bytes) -> None:
+            self.queued.append(data)
+            twisted_write(data)
+
+        self.transport.write = write
 
     def received(self, count: int) -> bytes:
         """`count` bytes from the peer (fewer at EOF), after those `flush` read."""
@@ -109,6 +117,7 @@ def pair() -> Iterator[Pair]:
 def test_write_now_sends_at_once_without_asking_the_reactor(pair: Pair) -> None:
     write_now(pair.transport, b"\x00\x5a reply")
     assert pair.received(8) == b"\x00\x5a reply"
+    assert pair.queued == []
     assert not pair.watched_for_writing()
     assert pair.transport.dataBuffer == b"" and pair.transport._tempDataLen == 0
 
@@ -128,11 +137,27 @@ def test_write_now_queues_what_the_kernel_does_not_take() -> None:
         write_now(pair.transport, data)
         queued = len(pair.transport.dataBuffer) + pair.transport._tempDataLen
         assert 0 < queued < len(data)
+        assert pair.queued == [data[len(data) - queued:]]
         assert pair.watched_for_writing()
         pair.flush()
         assert pair.received(len(data)) == data
     finally:
         pair.close()
+
+
+def test_write_now_queues_all_when_the_kernel_takes_nothing(pair: Pair) -> None:
+    sock = pair.transport.socket
+    filled = 0
+    try:
+        while True:  # fill the kernel's buffers behind Twisted's back
+            filled += sock.send(b"f" * 65536)
+    except BlockingIOError:
+        pass
+    write_now(pair.transport, b"tail")
+    assert pair.queued == [b"tail"]
+    assert pair.watched_for_writing()
+    pair.flush()
+    assert pair.received(filled + 4) == b"f" * filled + b"tail"
 
 
 def test_write_now_on_other_transports_is_their_write() -> None:
