@@ -11,7 +11,6 @@ reactor, or when the kernel sends SIGTERM because the parent is gone.
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import importlib
 import os
@@ -24,12 +23,12 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.logger import ILogObserver, Logger, eventAsJSON, globalLogBeginner
-from twisted.python import reflect, usage
-from twisted.python.failure import Failure
+from twisted.logger import ILogObserver, Logger, globalLogBeginner
+from twisted.python import usage
 from zope.interface import implementer
 
 from socksident._types import global_reactor
+from socksident.workerevents import event_to_line
 from socksident.workers import EVENTS_FD
 
 __all__ = ["AdoptedListener", "worker_main"]
@@ -76,15 +75,7 @@ class _EventsToParent:
         self.stream = stream
 
     def __call__(self, event: dict[str, Any]) -> None:
-        event = dict(event)
-        event.pop("access_record", None)  # the value lives in its fields
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            # An exception does not survive JSON; its text does.
-            failure = copy.copy(failure)
-            failure.value = reflect.safe_str(failure.value)  # type: ignore[assignment]
-            event["log_failure"] = failure
-        self.stream.write(eventAsJSON(event) + "\n")
+        self.stream.write(event_to_line(event))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -39,13 +39,14 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from socksident._types import global_reactor
 from socksident.reuseport import ListeningGroup, open_group
 from socksident.services import ListenError
+from socksident.workerevents import event_from_line
 
 __all__ = [
     "EVENTS_FD",
@@ -144,7 +145,7 @@ class _WorkerProtocol(ProcessProtocol):
         text = line.decode("utf-8", "replace")
         if childFD == EVENTS_FD:
             try:
-                event = eventFromJSON(text)
+                event = event_from_line(text)
             except ValueError:
                 log.warn("worker {worker}: {line}", worker=self.index, line=text)
                 return

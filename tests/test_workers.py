@@ -26,8 +26,10 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from socksident import services, tap, worker, workers
+from socksident.accesslog import access_fields
 from socksident.reuseport import ListeningGroup
 from socksident.worker import AdoptedListener
+from socksident.workerevents import event_to_line
 from socksident.workers import (
     EVENTS_FD,
     FIRST_LISTEN_FD,
@@ -36,6 +38,7 @@ from socksident.workers import (
     parse_workers,
     restart_delay,
 )
+from test_accesslog import record
 
 
 class FakeProcess:
@@ -279,6 +282,16 @@ def test_a_workers_events_are_published_here_saying_which_worker(pool, events):
     assert any(e.get("stream") == "stderr" and e["line"].startswith("Traceback") for e in events)
 
 
+def test_a_workers_access_event_is_published_here_with_its_fields(pool, events):
+    fields = record().fields()
+    line = event_to_line({"log_namespace": "socksident.access", "log_time": 7.0,
+                          "summary": "the line", "access_record": None, **fields})
+    pool.reactor.spawned[0]["protocol"].childDataReceived(EVENTS_FD, line.encode())
+    (event,) = [e for e in events if e.get("summary") == "the line"]
+    assert access_fields(event) == fields
+    assert event["worker"] == 0 and event["log_system"] == "socksident.access#info worker 0"
+
+
 def test_a_worker_sends_each_event_as_one_json_line_without_the_record_value():
     stream = io.StringIO()
     observer = worker._EventsToParent(stream)
@@ -301,21 +314,6 @@ def test_an_adopted_listener_serves_the_inherited_socket_in_its_family():
     assert reactor.adoptedPorts[0][1:] == (socket.AF_INET6, factory)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: the port keeps its own descriptor
-
-
-def test_a_workers_traceback_reaches_the_parent_with_the_exception_text():
-    from twisted.logger import eventFromJSON, formatEventAsClassicLogText
-
-    try:
-        1 / 0
-    except ZeroDivisionError:
-        failure = Failure()
-    stream = io.StringIO()
-    worker._EventsToParent(stream)({"log_format": "oops", "log_failure": failure,
-                                     "log_level": LogLevel.critical, "log_time": 1.0})
-    text = formatEventAsClassicLogText(eventFromJSON(stream.getvalue()))
-    assert "ZeroDivisionError: division by zero" in text and "Traceback" in text
-    assert isinstance(failure.value, ZeroDivisionError)  # the worker's own copy is untouched
 
 
 # -- the access log and metrics under --workers ------------------------------------------
