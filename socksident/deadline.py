@@ -19,6 +19,8 @@ __all__ = ["Deadline"]
 class Deadline:
     """Calls `expired(what, seconds)` when the limit set last runs out."""
 
+    __slots__ = ("_reactor", "_expired", "_timer", "what", "seconds")  # one per connection
+
     def __init__(self, reactor: ReactorTime, expired: Callable[[str, float], None]) -> None:
         self._reactor = reactor
         self._expired = expired

@@ -146,8 +146,6 @@ class Establishment:
     # -- the policy -------------------------------------------------------------
 
     def _context(self, addresses: tuple[str, ...]) -> PolicyContext:
-        if self.ident is None:
-            self.ident = SharedIdentQuery(self._start_ident_query)
         info = self.connection
         return PolicyContext(
             info.client_host,
@@ -155,8 +153,15 @@ class Establishment:
             info.server_host,
             info.server_port,
             addresses,
-            self.ident,
+            self._ask_ident,
         )
+
+    def _ask_ident(self) -> Deferred[IdentAnswer]:
+        """The one query of this request, made when a policy first asks
+        (most requests never do, and each query object costs memory)."""
+        if self.ident is None:
+            self.ident = SharedIdentQuery(self._start_ident_query)
+        return self.ident()
 
     def _start_ident_query(self) -> Deferred[IdentAnswer]:
         info = self.connection

@@ -77,6 +77,8 @@ class Admission:
     """One connection's place under the limits; whatever ends the
     connection, and however often, the place is handed back once."""
 
+    __slots__ = ("_admissions", "host")  # one per open connection
+
     def __init__(self, admissions: Admissions, host: str) -> None:
         self._admissions: Optional[Admissions] = admissions
         self.host = host

@@ -277,7 +277,9 @@ class _OneConnection(ClientFactory):
 
         def announce(transport: Any) -> None:
             # Twisted calls this right after buildProtocol, in the same turn:
-            # the Deferred fires once the protocol has its transport.
+            # the Deferred fires once the protocol has its transport.  The
+            # protocol lives as long as the relay: it keeps no closure.
+            del protocol.makeConnection
             made(transport)
             if self.done.called:  # cancelled while it connected
                 transport.abortConnection()

@@ -57,6 +57,9 @@ SPLICE_AFTER = 128 * 1024
 class RelaySide:
     """One connection of the pair and what has happened to it."""
 
+    __slots__ = ("name", "transport", "peer", "bytes_received", "read_closed", "lost",
+                 "has_producer", "paused", "closing")  # two per relay, for as long as it lasts
+
     def __init__(self, name: str, transport: Any) -> None:
         self.name = name
         self.transport = transport
@@ -78,6 +81,8 @@ class RelaySide:
 class _WatchedProducer:
     """A side's transport as its peer's producer, telling the relay when it
     is paused: a paused socket is one the reactor no longer watches."""
+
+    __slots__ = ("_relay", "_side")  # two per relay
 
     def __init__(self, relay: "Relay", side: RelaySide) -> None:
         self._relay = relay
@@ -129,6 +134,13 @@ class Relay:
     `dropped` the bytes still queued for them.
     """
 
+    __slots__ = (  # one per relayed connection, for as long as it lasts
+        "client", "remote", "_reactor", "_on_finished", "_idle_timeout", "_idle_call",
+        "_linger_timeout", "_linger_call", "_check_interval", "_check_call", "_is_reset",
+        "finished", "idle_closed", "cut_off", "dropped", "_splice_possible", "_splice_wanted",
+        "_waiting", "_drained_sides", "_splicer", "mode",
+    )
+
     def __init__(
         self,
         client_transport: Any,
@@ -159,8 +171,8 @@ class Relay:
         self.dropped = 0
         self._splice_possible = splice  # until it is tried (or it is too late)
         self._splice_wanted = False  # waiting for Twisted's buffers to drain
-        self._waiting: list[_UntilDrained] = []
-        self._drained_sides: set[str] = set()
+        self._waiting: tuple[_UntilDrained, ...] = ()
+        self._drained_sides: tuple[str, ...] = ()  # small: no set per relay
         self._splicer: Optional[Splicer] = None
         self.mode = "twisted"  # "splice" once the kernel moved the bytes
 
@@ -234,13 +246,14 @@ class Relay:
             side.unregister_producer()
             side.transport.pauseProducing()
         self._splice_wanted = True
-        self._waiting = [_UntilDrained(self, self.client), _UntilDrained(self, self.remote)]
+        self._waiting = (_UntilDrained(self, self.client), _UntilDrained(self, self.remote))
 
     def _drained(self, side: RelaySide) -> None:
-        self._drained_sides.add(side.name)
+        if side.name not in self._drained_sides:
+            self._drained_sides += (side.name,)
         if len(self._drained_sides) == 2 and self._splice_wanted:
             self._splice_wanted = False
-            self._waiting = []
+            self._waiting = ()
             client, remote = self.client.transport, self.remote.transport
             try:
                 splicer = Splicer(self._reactor, client.fileno(), remote.fileno(), self)

@@ -27,20 +27,24 @@ class PendingEvents:
     destination by staying paused), then at most one end: a FIN or a loss.
     """
 
+    __slots__ = ("_chunks", "size", "read_closed", "lost")  # two per connection
+
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
+        self._chunks: Optional[list[bytes]] = None  # most connections send none
         self.size = 0
         self.read_closed = False
         self.lost = False
 
     def data(self, data: bytes) -> None:
+        if self._chunks is None:
+            self._chunks = []
         self._chunks.append(data)
         self.size += len(data)
 
     def take_data(self) -> bytes:
         """The bytes kept so far, in order; they are not replayed again."""
-        data, self._chunks = b"".join(self._chunks), []
-        return data
+        chunks, self._chunks = self._chunks, None
+        return b"".join(chunks) if chunks else b""
 
     def replay(self, relay: Relay, side: RelaySide) -> None:
         """Hand the kept events to `relay` as `side`'s; resume reading a side

@@ -90,9 +90,9 @@ class SOCKS4Server(Protocol):
         self._reason: Optional[str] = None  # when not the decision's
         self._refusal: Optional[SOCKS4Refusal] = None
         self._abort_cause: Optional[AbortCause] = None
-        self._parser = RequestParser(
+        self._parser: Optional[RequestParser] = RequestParser(
             self.settings.max_user_id_length, self.settings.max_hostname_length
-        )
+        )  # until the request is read
         self._pending = PendingEvents()  # the client's, until the relay starts
         self._establishing: Optional[Establishment] = None
         self._deadline = Deadline(self.reactor, self._time_up)
@@ -211,6 +211,7 @@ class SOCKS4Server(Protocol):
     # -- reading the request ------------------------------------------------
 
     def _read_request(self, data: bytes) -> None:
+        assert self._parser is not None
         try:
             request = self._parser.feed(data)
         except NotSocks4 as error:
@@ -251,8 +252,10 @@ class SOCKS4Server(Protocol):
     def _begin(self, request: Request) -> None:
         self.request = request
         self._enter(State.PENDING)
-        if self._parser.leftover:
-            self._keep_early(self._parser.leftover)
+        assert self._parser is not None
+        parser, self._parser = self._parser, None  # a relay may last for days
+        if parser.leftover:
+            self._keep_early(parser.leftover)
         if isinstance(self._abort_cause, SOCKS4Refusal):
             self._reply_and_close(self._abort_cause)
             return
