@@ -31,11 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import (
-    IPullProducer,
-    IPushProducer,
-    ISSLTransport,
-)
+from twisted.internet.interfaces import IPullProducer, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -134,12 +130,10 @@ class Relay:
     `dropped` the bytes still queued for them.
     """
 
-    __slots__ = (  # one per relayed connection, for as long as it lasts
-        "client", "remote", "_reactor", "_on_finished", "_idle_timeout", "_idle_call",
-        "_linger_timeout", "_linger_call", "_check_interval", "_check_call", "_is_reset",
-        "finished", "idle_closed", "cut_off", "dropped", "_splice_possible", "_splice_wanted",
-        "_waiting", "_drained_sides", "_splicer", "mode",
-    )
+    __slots__ = ("client", "remote", "_reactor", "_on_finished", "_idle_timeout", "_idle_call",
+                 "_linger_timeout", "_linger_call", "_check_interval", "_check_call", "_is_reset",
+                 "finished", "idle_closed", "cut_off", "dropped", "_splice_possible",
+                 "_splice_wanted", "_waiting", "_drained_sides", "_splicer", "mode")  # per relay
 
     def __init__(
         self,
