@@ -348,7 +348,11 @@ def one_round(server: Server, plan: Plan, loadgen: LoadGen, workdir: Path) -> di
         if server.ident:
             return out
         for direction in ("up", "down"):
+            before = cpu_seconds(process.pid) if process else 0.0
             out[direction] = loadgen.run("bulk", proxy, bulk, direction, plan.bulk_bytes)
+            if process is not None:
+                moved = out[direction]["bytes"] / (1 << 30)
+                out[direction]["cpu_s_per_gib"] = (cpu_seconds(process.pid) - before) / moved
         if process is not None and plan.idle:
             out["idle"] = idle_memory(process.pid, proxy, echo, plan.idle, loadgen)
     finally:
@@ -412,6 +416,8 @@ METRICS = [
     ("cpu64", ("rtt64", "cpu_us"), "proxy CPU per round trip, 64 in flight", "us", False),
     ("up", ("up", "mib_s"), "upload MiB/s", "MiB/s", True),
     ("down", ("down", "mib_s"), "download MiB/s", "MiB/s", True),
+    ("up_cpu", ("up", "cpu_s_per_gib"), "proxy CPU per GiB uploaded", "s", False),
+    ("down_cpu", ("down", "cpu_s_per_gib"), "proxy CPU per GiB downloaded", "s", False),
     ("idle", ("idle", "rss_kib"), "RSS per idle relay", "KiB", False),
     ("idle_pss", ("idle", "pss_kib"), "PSS per idle relay", "KiB", False),
 ]
@@ -443,7 +449,9 @@ def hop_cost(results: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
 
 
 def fmt(value: float) -> str:
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.2f}"
 
 
 def table(results: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> str:
