@@ -560,6 +560,11 @@ def main() -> int:
         plan = Plan({64: 5000, 1: 1000}, 8.0, 256 * MiB, 2000, "root")
     if args.idle is not None:
         plan.idle = args.idle
+    fits = (hard - 100) // 2  # a proxy holds both sockets of each idle relay
+    if plan.idle > fits:
+        print(f"idle relays: {fits}, not {plan.idle}: this machine allows {hard} descriptors"
+              " per process", file=sys.stderr)
+        plan.idle = fits
     if os.geteuid() != 0:
         plan.user = "bench"
     want = [w for w in args.servers.split(",") if w]
