@@ -560,9 +560,10 @@ def main() -> int:
         plan = Plan({64: 5000, 1: 1000}, 8.0, 256 * MiB, 2000, "root")
     if args.idle is not None:
         plan.idle = args.idle
-    fits = (hard - 100) // 2  # a proxy holds both sockets of each idle relay
-    if plan.idle > fits:
-        print(f"idle relays: {fits}, not {plan.idle}: this machine allows {hard} descriptors"
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fits = (limit - 100) // 2  # a proxy holds both sockets of each idle relay
+    if limit != resource.RLIM_INFINITY and plan.idle > fits:
+        print(f"idle relays: {fits}, not {plan.idle}: this machine allows {limit} descriptors"
               " per process", file=sys.stderr)
         plan.idle = fits
     if os.geteuid() != 0:
