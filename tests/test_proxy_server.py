@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from socksident.ident import IdentAnswer, IdentOutcome
@@ -141,10 +142,15 @@ def test_a_client_leaving_inside_the_header_writes_one_record(access_events):
 
 def test_a_v2_local_health_check_is_closed_quietly(access_events):
     h = ProxyHarness()
-    h.send(build_v2(local=True))
+    with capturedLogs() as events:
+        h.send(build_v2(local=True))
     assert h.client.disconnecting and h.client.value() == b""
     h.lost()
     assert access_events == []
+    # only a debug line, naming the balancer
+    [event] = [e for e in events if e.get("log_namespace") == "socksident.serverprotocol"]
+    assert event["log_level"] is LogLevel.debug
+    assert formatEvent(event) == "PROXY LOCAL connection from 10.0.0.2:51000: closed"
 
 
 @pytest.mark.parametrize(
