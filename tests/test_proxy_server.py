@@ -197,7 +197,13 @@ def test_ident_is_asked_from_the_frontend_address_when_this_host_has_it():
 
 def test_ident_cannot_be_asked_from_an_address_this_host_lacks(access_events):
     h = ProxyHarness(policy=DefaultPolicy(IdentMode.REQUIRE))
-    h.send(build_v2(("10.9.9.9", 33000), FRONTEND) + REQUEST)
+    with capturedLogs() as events:
+        h.send(build_v2(("10.9.9.9", 33000), FRONTEND) + REQUEST)
+    [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "socksident.establish"]
+    assert line.startswith(
+        "ident for 10.9.9.9:33000: cannot ask from 198.51.100.1, the address the client"
+        " connected to through the balancer: "
+    )
     assert h.ident.queries == []
     assert h.client.value() == build_reply(ReplyCode.IDENTD_UNREACHABLE)
     h.lost()
@@ -216,7 +222,7 @@ def test_bind_behind_a_balancer_without_a_bind_address_is_refused(access_events)
     assert h.reactor.tcpServers == []
     h.lost()
     [event] = access_events
-    assert "--bind-address" in event["reason"]
+    assert event["reason"] == "BIND on a PROXY listener needs a bind address (--bind-address)"
 
 
 def test_bind_behind_a_balancer_listens_on_the_bind_address():

@@ -9,12 +9,20 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident.ident import IdentAnswer, IdentOutcome
-from socksident.policy import Decision, DefaultPolicy, IdentMode, IPolicy, PolicyContext
+from socksident.policy import (
+    Decision,
+    DefaultPolicy,
+    IdentMode,
+    IEarlyRefusal,
+    IPolicy,
+    PolicyContext,
+    Route,
+)
 from socksident.server import ServerSettings, SOCKS4ServerFactory
 from socksident.state import TRANSITIONS, InvalidTransition, State
 from socksident.socks4 import Command, IdentdMismatch, ReplyCode, build_reply, build_request
@@ -901,3 +909,106 @@ def test_a_bind_client_that_half_closes_while_pending_is_closed():
     assert h.proto.state is State.PENDING
     h.proto.readConnectionLost()
     assert h.client.disconnecting
+
+
+# -- the establishment's less travelled paths ----------------------------------------------
+
+
+def test_a_connect_to_an_address_leaves_from_the_source_address(access_events):
+    h = Harness(ServerSettings(source_addresses=("127.0.0.9",), connect_timeout=30))
+    h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") + b"early")
+    [(host, port, _, timeout, bind)] = h.reactor.tcpClients
+    assert (host, port, timeout, bind) == ("192.0.2.7", 8080, 30, ("127.0.0.9", 0))
+    remote = h.connect_outbound()
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 8080, "192.0.2.7")
+    assert remote.value() == b"early"
+    h.send(b" and more")
+    assert remote.value() == b"early and more"
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    h.proto.connectionLost(Failure(Exception("done")))
+    [event] = access_events
+    assert event["address"] == "192.0.2.7" and event["code"] == 90
+    assert event["next_hop"] is None and event["next_hop_reply"] is None
+
+
+def test_a_source_address_race_keeps_its_own_time_limit():
+    h = Harness(ServerSettings(source_addresses=("127.0.0.9",), connect_timeout=30))
+    h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice"))
+    assert [call.getTime() for call in h.reactor.getDelayedCalls()].count(30.0) == 2
+    h.reactor.advance(30)
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+
+
+def test_the_next_address_is_tried_after_the_configured_delay():
+    h = Harness(ServerSettings(connect_attempt_delay=2.0))
+    h.send(build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="two.example"))
+    h.resolver.answer("192.0.2.7", "192.0.2.8")
+    assert [c[0] for c in h.reactor.tcpClients] == ["192.0.2.7"]
+    h.reactor.advance(1.9)
+    assert len(h.reactor.tcpClients) == 1
+    h.reactor.advance(0.1)
+    assert [c[0] for c in h.reactor.tcpClients] == ["192.0.2.7", "192.0.2.8"]
+
+
+def test_the_policy_sees_the_request_and_every_part_of_the_connection():
+    policy = RecordingPolicy(Decision(ReplyCode.REJECTED, "no"))
+    h = Harness(policy=policy, client=("10.1.2.3", 40001), server=("10.0.0.1", 1081))
+    request = build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="one.example")
+    h.send(request)
+    h.resolver.answer("192.0.2.7")
+    [(seen, context)] = policy.seen
+    assert seen is h.proto.request and seen.hostname == "one.example"
+    assert (context.client_host, context.client_port) == ("10.1.2.3", 40001)
+    assert (context.server_host, context.server_port) == ("10.0.0.1", 1081)
+    assert context.addresses == ("192.0.2.7",)
+
+
+@implementer(IPolicy, IEarlyRefusal)
+class EarlyRecording(RecordingPolicy):
+    def __init__(self, early: Optional[Decision]) -> None:
+        super().__init__(Decision(ReplyCode.GRANTED, "late"))
+        self.early = early
+        self.early_seen: list[tuple[Any, PolicyContext]] = []
+
+    def refuse_early(self, request: Any, context: PolicyContext) -> Optional[Decision]:
+        self.early_seen.append((request, context))
+        return self.early
+
+
+def test_an_early_refusal_sees_the_request_and_no_addresses_yet():
+    policy = EarlyRecording(Decision(ReplyCode.REJECTED, "not that name"))
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="bad.example"))
+    [(seen, context)] = policy.early_seen
+    assert seen is h.proto.request and context.addresses == ()
+    assert h.resolver.calls == [] and h.client.value() == build_reply(ReplyCode.REJECTED)
+
+
+def test_a_bind_without_an_open_connect_names_the_addresses(access_events):
+    h = Harness()
+    h.send(build_request(Command.BIND, 21, "0.0.0.1", "alice", hostname="app.example"))
+    h.resolver.answer("192.0.2.7", "192.0.2.8")
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert access_events[0]["reason"] == (
+        "BIND without an open CONNECT from this client to 192.0.2.7, 192.0.2.8"
+        " (see --bind-without-connect)"
+    )
+
+
+def test_a_failing_on_granted_is_logged_with_the_client():
+    class Failing:
+        def check(self, request: Any, context: PolicyContext) -> Decision:
+            return Decision(ReplyCode.GRANTED, "ok", on_granted=self.fail)
+
+        def fail(self) -> None:
+            raise OSError("no such command")
+
+    h = Harness(policy=Failing())
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    with capturedLogs() as events:
+        h.connect_outbound()
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(OSError)
+    assert formatEvent(event) == "the policy's on_granted for 127.0.0.1:40000 failed"
+    assert h.proto.state is State.RELAY  # the relay goes on
