@@ -428,3 +428,13 @@ def test_a_name_that_does_not_resolve_here_is_offered_to_the_policy_with_no_addr
     client.send(connect_request("0.0.0.1", user=b"alice", hostname=NAME))
     assert seen == [()]
     assert [r[1] for r in client.replies()] == [91] and hop.connections == []
+
+
+def test_a_name_that_resolves_here_goes_direct_although_there_is_a_next_hop() -> None:
+    hop = ScriptedHop()
+    factory, clock = proxy(hop, AllowAll(), {NAME.decode(): [APP_HOST]})
+    client = Client(factory)
+    client.send(connect_request("0.0.0.1", user=b"alice", hostname=NAME))
+    assert [c[0] for c in clock.tcpClients] == [APP_HOST]
+    assert hop.connections == []
+    client.close()

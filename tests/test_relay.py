@@ -14,6 +14,7 @@ from typing import Any, Optional
 import pytest
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from socksident import relay as relay_module
@@ -800,7 +801,12 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class SplicePair:
     """A relay between two socket transports, spliceable, with the far ends at hand."""
 
-    def __init__(self, idle_timeout: Optional[float] = None, splice: Optional[bool] = True) -> None:
+    def __init__(
+        self,
+        idle_timeout: Optional[float] = None,
+        splice: Optional[bool] = True,
+        remote_class: type[SocketTransport] = SocketTransport,
+    ) -> None:
         if not splice_available():
             skip_unless_strict("os.splice needs Linux")
         self.log: list[Call] = []
@@ -808,7 +814,7 @@ class SplicePair:
         remote_near, self.remote_far = tcp_pair()[::-1]
         self.sockets = [self.client_far, client_near, remote_near, self.remote_far]
         self.client = SocketTransport("client", self.log, client_near)
-        self.remote = SocketTransport("remote", self.log, remote_near)
+        self.remote = remote_class("remote", self.log, remote_near)
         self.reactor = SpliceReactor()
         self.finished: list[Relay] = []
         extra = {} if splice is None else {"splice": splice}
@@ -881,10 +887,12 @@ def test_spliced_bytes_are_counted_and_keep_the_relay_alive():
         p.drain_both()
         p.reactor.advance(9)
         p.client_far.sendall(b"through the kernel")
+        p.remote_far.sendall(b"and back")
         p.reactor.run()
         assert p.remote_far.recv(100) == b"through the kernel"
+        assert p.client_far.recv(100) == b"and back"
         assert p.relay.bytes_up == SPLICE_AFTER - 1 + len(b"through the kernel")
-        assert p.relay.bytes_down == 1
+        assert p.relay.bytes_down == 1 + len(b"and back")
         p.reactor.advance(9)
         assert not p.relay.idle_closed  # the spliced bytes reset the idle timer
         p.reactor.advance(1)
@@ -949,14 +957,15 @@ def test_unsplicing_while_waiting_for_the_buffers_pairs_the_transports_again(spl
         assert calls[0] == ("unregisterProducer",)  # the pull producer, cancelled
         assert calls[1][0] == "registerProducer" and calls[1][2] is True
         assert calls[-1] == ("resumeProducing",)
+    # a late resumeProducing of a cancelled pull producer changes nothing
+    for producer in waiting:
+        producer.resumeProducing()
+    assert produces_for(p.client, p.remote) and produces_for(p.remote, p.client)
     del p.log[:]
     p.relay.resume(p.relay.client)
     assert p.client.calls() == [("resumeProducing",)]
     p.relay.lost(p.relay.remote)  # unsplices again first: nothing left to undo
     assert p.client.calls()[-2:] == [("unregisterProducer",), ("loseConnection",)]
-    # a late resumeProducing of a cancelled pull producer starts nothing
-    for producer in waiting:
-        producer.resumeProducing()
     assert p.relay.mode == "twisted" and not p.reactor.readers
 
 
@@ -968,7 +977,11 @@ def test_a_splicer_that_cannot_be_made_leaves_the_relay_to_twisted(spliced, monk
     p = spliced
     p.reach_splice_after()
     del p.log[:]
-    p.drain_both()
+    with capturedLogs() as events:
+        p.drain_both()
+    [event] = [e for e in events if e.get("log_namespace") == "socksident.relay"]
+    assert event["log_level"] is LogLevel.warn
+    assert formatEvent(event) == "no splice relay ([Errno 24] Too many open files): relaying through Twisted"
     assert p.relay.mode == "twisted" and not p.reactor.readers
     assert produces_for(p.client, p.remote) and produces_for(p.remote, p.client)
     assert ("stopReading",) not in p.client.calls() + p.remote.calls()
@@ -1053,3 +1066,55 @@ def test_a_connection_lost_while_waiting_for_its_buffer_does_not_splice(spliced)
     p.remote.producer.resumeProducing()
     assert p.client.calls() == []  # not cancelled again, not counted as drained
     assert p.relay.mode == "twisted" and not p.reactor.readers
+
+
+class PausingTransport(SocketTransport):
+    """Like Twisted's transports: a write past its buffer pauses the producer."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(data) > 1 and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+def test_a_side_paused_by_the_bytes_handed_back_is_not_resumed():
+    p = SplicePair(remote_class=PausingTransport)
+    try:
+        p.remote_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        p.remote.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        p.relay.data(p.relay.remote, b"d")
+        p.relay.data(p.relay.client, b"u")  # small writes: nothing paused yet
+        p.relay.data(p.relay.remote, b"d" * (SPLICE_AFTER - 2))
+        assert not p.relay.client.paused
+        p.drain_both()
+        p.client_far.setblocking(False)
+        try:
+            for _ in range(64):
+                p.client_far.send(b"x" * 65536)
+                p.reactor.run(rounds=2)
+        except BlockingIOError:
+            pass
+        p.reactor.run(rounds=2)
+        del p.log[:]
+        p.relay.unsplice()  # the pipe's bytes fill the remote's buffer: the client is paused
+        assert p.client.calls()[-1] == ("pauseProducing",) and p.client.paused
+        assert p.relay.client.paused and ("resumeProducing",) in p.remote.calls()
+    finally:
+        p.close()
+
+
+def test_a_held_destination_pauses_the_remote_side_not_the_client(spliced):
+    p = spliced
+    p.client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    p.client_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    p.reach_splice_after()
+    p.drain_both()
+    p.remote_far.setblocking(False)
+    try:
+        for _ in range(64):
+            p.remote_far.send(b"y" * 65536)
+            p.reactor.run(rounds=2)
+    except BlockingIOError:
+        pass
+    p.reactor.run(rounds=2)
+    assert p.relay.remote.paused and not p.relay.client.paused

@@ -1012,3 +1012,29 @@ def test_a_failing_on_granted_is_logged_with_the_client():
     assert event["log_failure"].check(OSError)
     assert formatEvent(event) == "the policy's on_granted for 127.0.0.1:40000 failed"
     assert h.proto.state is State.RELAY  # the relay goes on
+
+
+def test_a_next_hop_route_without_a_next_hop_is_91_naming_the_destination(access_events):
+    h = Harness(policy=RecordingPolicy(Decision(ReplyCode.GRANTED, "ok", route=Route.NEXT_HOP)))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.reactor.tcpClients == []
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert access_events[0]["reason"] == (
+        "the policy sends 192.0.2.7 via the next hop, but no --next-hop is set"
+    )
+
+
+def test_a_client_over_the_limit_that_leaves_early_is_recorded_as_refused(access_events):
+    h = Harness(ServerSettings(max_per_host=1))
+    second = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    second.makeConnection(
+        Transport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40001),
+        )
+    )
+    second.connectionLost(Failure(Exception("gone")))
+    [event] = access_events
+    assert event["refusal"] == "LimitReached" and event["code"] is None
+    assert event["reason"].endswith("; client closed the connection before a complete request")
