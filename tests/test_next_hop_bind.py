@@ -377,3 +377,64 @@ def test_a_forwarded_bind_needs_an_open_connect_through_the_hop_to_the_same_name
     primary_protocol.connectionLost(Failure(ConnectionDone()))
     primary.close()
     assert not factory.open_hop_connects
+
+
+# -- CONNECT to an address under a via=next-hop route, and the hop's own timers ------------
+
+
+def test_a_connect_to_an_address_goes_to_the_hop_under_a_via_next_hop_route() -> None:
+    hop = ScriptedHop()
+    factory, clock = proxy(hop, ViaNextHop())
+    client = Client(factory)
+    with capturedLogs() as events:
+        client.send(connect_request(APP_HOST, user=b"alice"))
+        forwarded = RequestParser().feed(hop.transport.value())
+        assert forwarded is not None and forwarded.command is Command.CONNECT
+        assert (forwarded.address, forwarded.port, forwarded.user_id) == (APP_HOST, APP_PORT, "alice")
+        assert factory.reactor.tcpClients == []  # not connected directly
+        hop.answer(ReplyCode.GRANTED)
+        assert [r[1] for r in client.replies()] == [90]
+        client.close()
+        hop.protocol.connectionLost(Failure(ConnectionDone()))
+    [record] = records(events)
+    assert (record.next_hop, record.next_hop_reply) == (HOP_NAME, "90")
+
+
+@pytest.mark.parametrize("command", ["connect", "bind"])
+def test_the_hops_time_limit_runs_on_the_servers_reactor(command: str) -> None:
+    hop = ScriptedHop()
+    factory, clock = proxy(hop, connect_timeout=10, bind_timeout=30)
+    client = Client(factory)
+    request = connect_request if command == "connect" else bind_request
+    client.send(request("0.0.0.1", user=b"alice", hostname=NAME))
+    times = sorted(call.getTime() for call in clock.getDelayedCalls())
+    # the server's connect deadline, and the hop endpoint's own limit beside it
+    assert times == ([10.0, 10.0] if command == "connect" else [10.0, 40.0])
+    client.close()
+
+
+def test_a_name_that_does_not_resolve_here_is_offered_to_the_policy_with_no_addresses() -> None:
+    seen: list[Any] = []
+
+    @implementer(IPolicy)
+    class Recording:
+        def check(self, request: Any, context: Any) -> Decision:
+            seen.append(context.addresses)
+            return Decision(ReplyCode.REJECTED, "looked")
+
+    hop = ScriptedHop()
+    factory, _ = proxy(hop, Recording())
+    client = Client(factory)
+    client.send(connect_request("0.0.0.1", user=b"alice", hostname=NAME))
+    assert seen == [()]
+    assert [r[1] for r in client.replies()] == [91] and hop.connections == []
+
+
+def test_a_name_that_resolves_here_goes_direct_although_there_is_a_next_hop() -> None:
+    hop = ScriptedHop()
+    factory, clock = proxy(hop, AllowAll(), {NAME.decode(): [APP_HOST]})
+    client = Client(factory)
+    client.send(connect_request("0.0.0.1", user=b"alice", hostname=NAME))
+    assert [c[0] for c in clock.tcpClients] == [APP_HOST]
+    assert hop.connections == []
+    client.close()

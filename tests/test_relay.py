@@ -8,15 +8,22 @@ that still has a producer registered).
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Optional
 
 import pytest
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from socksident.relay import Relay
+from socksident import relay as relay_module
+from socksident.relay import SPLICE_AFTER, Relay
 from socksident.remote import PendingEvents, RemoteProtocol
+from socksident.settings import ServerSettings
+from socksident.splice import splice_available
+
+from integration.conftest import skip_unless_strict
 
 Call = tuple[Any, ...]
 
@@ -668,3 +675,459 @@ def test_fin_towards_a_tls_side_sends_close_notify_and_keeps_the_other_way(tls, 
     p.relay.data(getattr(p.relay, tls), b"still flowing")
     assert getattr(p, plain).value() == b"still flowing"
     assert p.finished == []
+
+
+# -- more on pausing, the linger count, the state a record reads ---------------------------
+
+
+def test_a_new_relays_state_is_plain_booleans_and_names_the_twisted_path():
+    """What the access record and the server read of a relay, before anything happened."""
+    p = Pair(start=False)
+    relay = p.relay
+    assert relay.finished is False and relay.idle_closed is False
+    assert (relay.cut_off, relay.dropped, relay.mode) == (None, 0, "twisted")
+    for side, peer in ((relay.client, relay.remote), (relay.remote, relay.client)):
+        assert side.peer is peer
+        assert side.read_closed is side.lost is side.has_producer is False
+        assert side.paused is side.closing is False
+    relay.start()
+    relay.client.unregister_producer()
+    assert relay.client.has_producer is False and p.client.producer is None
+
+
+def test_a_relay_lost_before_its_start_unregisters_nothing():
+    p = Pair(start=False)
+    p.relay.lost(p.relay.client)
+    assert p.remote.calls() == [("loseConnection",)]
+    assert p.relay.client.paused is False
+
+
+def test_two_paused_sides_share_one_check():
+    p = Pair()
+    p.client.producer.pauseProducing()
+    p.remote.producer.pauseProducing()
+    assert len(p.clock.getDelayedCalls()) == 1
+
+
+def test_a_resume_with_no_check_pending_schedules_none():
+    p = Pair()
+    p.remote.producer.resumeProducing()  # Twisted resumes a producer whose buffer drained
+    assert p.clock.getDelayedCalls() == []
+    assert p.relay.client.paused is False
+
+
+def test_a_side_paused_again_after_a_check_that_found_none_is_checked_again():
+    p = Pair()
+    p.remote.producer.pauseProducing()
+    p.remote.producer.resumeProducing()
+    p.clock.advance(1)  # the check runs and finds nobody paused
+    assert p.clock.getDelayedCalls() == []
+    p.remote.producer.pauseProducing()
+    p.reset.add("client")
+    p.clock.advance(1)
+    assert p.client.calls()[-1] == ("abortConnection",)
+
+
+def test_a_reset_side_is_aborted_once_while_the_other_stays_paused():
+    p = Pair()
+    p.remote.producer.pauseProducing()  # the client is paused
+    p.client.producer.pauseProducing()  # the remote is paused
+    p.reset.add("client")
+    p.clock.advance(1)
+    assert p.relay.client.paused is False
+    p.clock.advance(1)  # the remote is still paused: asked again, the client is not
+    assert p.client.calls().count(("abortConnection",)) == 1
+    assert len(p.clock.getDelayedCalls()) == 1
+
+
+def test_the_bytes_dropped_by_both_sides_are_added():
+    p = Pair(linger_timeout=5)
+    p.client.dataBuffer = b"c" * 300
+    p.remote.dataBuffer = b"r" * 200
+    p.relay.read_closed(p.relay.client)
+    p.relay.read_closed(p.relay.remote)
+    p.clock.advance(5)
+    assert (p.relay.cut_off, p.relay.dropped) == ("both", 500)
+
+
+# -- the splice hand-over -------------------------------------------------------------------
+
+
+class SocketTransport(FakeTransport):
+    """A fake transport over a real TCP socket, as `splice.spliceable` wants one."""
+
+    def __init__(self, name: str, log: list[Call], sock: socket.socket) -> None:
+        super().__init__(name, log)
+        self.socket = sock
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def stopReading(self) -> None:
+        self.log.append((self.name, "stopReading"))
+
+    def stopWriting(self) -> None:
+        self.log.append((self.name, "stopWriting"))
+
+
+class SpliceReactor(Clock):
+    """A clock that also records the descriptors the splicer watches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: set[Any] = set()
+        self.writers: set[Any] = set()
+
+    def addReader(self, d: Any) -> None:
+        self.readers.add(d)
+
+    def removeReader(self, d: Any) -> None:
+        self.readers.remove(d)
+
+    def addWriter(self, d: Any) -> None:
+        self.writers.add(d)
+
+    def removeWriter(self, d: Any) -> None:
+        self.writers.remove(d)
+
+    def run(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            for d in list(self.readers):
+                if d in self.readers:
+                    d.doRead()
+            for d in list(self.writers):
+                if d in self.writers:
+                    d.doWrite()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(far end, near end) of a loopback TCP connection; the near end non-blocking."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        far = socket.create_connection(listener.getsockname())
+        near, _ = listener.accept()
+    near.setblocking(False)
+    return far, near
+
+
+class SplicePair:
+    """A relay between two socket transports, spliceable, with the far ends at hand."""
+
+    def __init__(
+        self,
+        idle_timeout: Optional[float] = None,
+        splice: Optional[bool] = True,
+        remote_class: type[SocketTransport] = SocketTransport,
+    ) -> None:
+        if not splice_available():
+            skip_unless_strict("os.splice needs Linux")
+        self.log: list[Call] = []
+        self.client_far, client_near = tcp_pair()
+        remote_near, self.remote_far = tcp_pair()[::-1]
+        self.sockets = [self.client_far, client_near, remote_near, self.remote_far]
+        self.client = SocketTransport("client", self.log, client_near)
+        self.remote = remote_class("remote", self.log, remote_near)
+        self.reactor = SpliceReactor()
+        self.finished: list[Relay] = []
+        extra = {} if splice is None else {"splice": splice}
+        self.relay = Relay(
+            self.client, self.remote, self.reactor, self.finished.append, idle_timeout,
+            paused_check_interval=1.0, **extra,
+        )
+        self.relay.start()
+        del self.log[:]
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def reach_splice_after(self) -> None:
+        self.relay.data(self.relay.client, b"u" * (SPLICE_AFTER - 1))
+        self.relay.data(self.relay.remote, b"d")
+
+    def drain_both(self) -> None:
+        """Both transports report an empty write buffer to their pull producer."""
+        for transport in (self.client, self.remote):
+            transport.producer.resumeProducing()
+
+
+@pytest.fixture
+def spliced() -> Any:
+    pair = SplicePair()
+    yield pair
+    pair.relay.unsplice()
+    pair.close()
+
+
+def test_a_relay_waits_for_splice_after_bytes_in_both_directions(spliced):
+    p = spliced
+    p.relay.data(p.relay.client, b"u" * (SPLICE_AFTER - 2))
+    p.relay.data(p.relay.remote, b"d")
+    assert not any(entry[1] == "pauseProducing" for entry in p.log)
+    p.relay.data(p.relay.remote, b"d")  # exactly SPLICE_AFTER, counted both ways
+    for transport in (p.client, p.remote):
+        calls = transport.calls()
+        assert calls[-3:-1] == [("unregisterProducer",), ("pauseProducing",)]
+        assert calls[-1][0] == "registerProducer" and calls[-1][2] is False  # a pull producer
+    assert p.relay.mode == "twisted"  # not yet: Twisted's buffers first
+
+
+def test_the_sockets_go_to_the_splicer_once_both_buffers_are_empty(spliced):
+    p = spliced
+    p.reach_splice_after()
+    p.relay.resume(p.relay.client)  # a replayed side is not resumed while waiting
+    assert p.client.paused
+    p.client.dataBuffer = b"not yet written"
+    p.client.producer.resumeProducing()
+    assert p.client.producer is not None and not p.reactor.readers  # still waiting
+    p.client.dataBuffer = b""
+    p.client.producer.resumeProducing()
+    assert p.client.producer is None  # it unregistered itself
+    assert not p.reactor.readers
+    del p.log[:]
+    p.remote.producer.resumeProducing()
+    assert p.relay.mode == "splice"
+    assert p.client.calls() == [("stopReading",), ("stopWriting",)]
+    assert p.remote.calls() == [("unregisterProducer",), ("stopReading",), ("stopWriting",)]
+    assert {d.fileno() for d in p.reactor.readers} == {p.client.fileno(), p.remote.fileno()}
+
+
+def test_spliced_bytes_are_counted_and_keep_the_relay_alive():
+    p = SplicePair(idle_timeout=10)
+    try:
+        p.reach_splice_after()
+        p.drain_both()
+        p.reactor.advance(9)
+        p.client_far.sendall(b"through the kernel")
+        p.remote_far.sendall(b"and back")
+        p.reactor.run()
+        assert p.remote_far.recv(100) == b"through the kernel"
+        assert p.client_far.recv(100) == b"and back"
+        assert p.relay.bytes_up == SPLICE_AFTER - 1 + len(b"through the kernel")
+        assert p.relay.bytes_down == 1 + len(b"and back")
+        p.reactor.advance(9)
+        assert not p.relay.idle_closed  # the spliced bytes reset the idle timer
+        p.reactor.advance(1)
+        assert p.relay.idle_closed and not p.reactor.readers  # unspliced before the abort
+        assert p.client.calls()[-1] == ("abortConnection",)
+    finally:
+        p.close()
+
+
+def test_a_fin_while_spliced_gives_the_relay_back_to_twisted(spliced):
+    p = spliced
+    p.reach_splice_after()
+    p.drain_both()
+    del p.log[:]
+    p.client_far.shutdown(socket.SHUT_WR)
+    p.reactor.run()
+    assert not p.reactor.readers and not p.reactor.writers
+    assert p.relay.mode == "splice"  # the record says the kernel moved bytes
+    for transport, other in ((p.client, p.remote), (p.remote, p.client)):
+        calls = transport.calls()
+        assert calls[0][0] == "registerProducer" and calls[0][2] is True
+        assert ("resumeProducing",) in calls
+    assert produces_for(p.client, p.remote) and produces_for(p.remote, p.client)
+    # the FIN itself then reaches the relay through the client's protocol
+    p.relay.read_closed(p.relay.client)
+    assert p.remote.calls()[-2:] == [("unregisterProducer",), ("loseWriteConnection",)]
+
+
+def test_the_bytes_left_in_a_pipe_are_written_through_twisted(spliced):
+    p = spliced
+    p.remote_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    p.reach_splice_after()
+    p.drain_both()
+    p.remote.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    p.client_far.setblocking(False)
+    offered = 0
+    try:
+        while offered < 4 << 20:
+            offered += p.client_far.send(b"x" * 65536)
+            p.reactor.run(rounds=2)
+    except BlockingIOError:
+        pass
+    p.reactor.run(rounds=2)
+    assert p.relay.client.paused and not p.relay.remote.paused  # held back by the full pipe
+    assert len(p.reactor.getDelayedCalls()) == 1  # and asks whether it was reset
+    del p.log[:]
+    p.relay.unsplice()
+    written = b"".join(entry[2] for entry in p.log if entry[:2] == ("remote", "write"))
+    assert written and set(written) == {ord("x")}
+    assert ("resumeProducing",) in p.client.calls() and ("resumeProducing",) in p.remote.calls()
+    assert p.relay.client.paused is False
+
+
+def test_unsplicing_while_waiting_for_the_buffers_pairs_the_transports_again(spliced):
+    p = spliced
+    p.reach_splice_after()
+    waiting = [p.client.producer, p.remote.producer]
+    del p.log[:]
+    p.relay.unsplice()
+    for transport in (p.client, p.remote):
+        calls = transport.calls()
+        assert calls[0] == ("unregisterProducer",)  # the pull producer, cancelled
+        assert calls[1][0] == "registerProducer" and calls[1][2] is True
+        assert calls[-1] == ("resumeProducing",)
+    # a late resumeProducing of a cancelled pull producer changes nothing
+    for producer in waiting:
+        producer.resumeProducing()
+    assert produces_for(p.client, p.remote) and produces_for(p.remote, p.client)
+    del p.log[:]
+    p.relay.resume(p.relay.client)
+    assert p.client.calls() == [("resumeProducing",)]
+    p.relay.lost(p.relay.remote)  # unsplices again first: nothing left to undo
+    assert p.client.calls()[-2:] == [("unregisterProducer",), ("loseConnection",)]
+    assert p.relay.mode == "twisted" and not p.reactor.readers
+
+
+def test_a_splicer_that_cannot_be_made_leaves_the_relay_to_twisted(spliced, monkeypatch):
+    def no_descriptors(*args: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(relay_module, "Splicer", no_descriptors)
+    p = spliced
+    p.reach_splice_after()
+    del p.log[:]
+    with capturedLogs() as events:
+        p.drain_both()
+    [event] = [e for e in events if e.get("log_namespace") == "socksident.relay"]
+    assert event["log_level"] is LogLevel.warn
+    assert formatEvent(event) == "no splice relay ([Errno 24] Too many open files): relaying through Twisted"
+    assert p.relay.mode == "twisted" and not p.reactor.readers
+    assert produces_for(p.client, p.remote) and produces_for(p.remote, p.client)
+    assert ("stopReading",) not in p.client.calls() + p.remote.calls()
+    assert ("resumeProducing",) in p.client.calls() and ("resumeProducing",) in p.remote.calls()
+
+
+def test_a_relay_not_asked_to_splice_never_pauses_for_it():
+    for splice in (None, False):  # the default is Twisted's relay
+        p = SplicePair(splice=splice)
+        try:
+            p.reach_splice_after()
+            p.relay.data(p.relay.client, b"u" * SPLICE_AFTER)
+            assert not any(entry[1] == "pauseProducing" for entry in p.log)
+        finally:
+            p.close()
+
+
+def test_transports_that_cannot_be_spliced_are_checked_once(monkeypatch):
+    checked: list[Any] = []
+
+    def spliceable(transport: Any) -> bool:
+        checked.append(transport)
+        return False
+
+    monkeypatch.setattr(relay_module, "spliceable", spliceable)
+    p = Pair()
+    p.relay._splice_possible = True
+    p.data_up(b"u" * SPLICE_AFTER)
+    p.data_up(b"u" * SPLICE_AFTER)
+    assert checked == [p.client]  # the first one refused: all() stops there
+    assert not any(entry[1] == "pauseProducing" for entry in p.log)
+
+
+def test_a_half_closed_relay_is_not_spliced(spliced):
+    p = spliced
+    p.relay.read_closed(p.relay.remote)
+    del p.log[:]
+    p.reach_splice_after()
+    assert not any(entry[1] == "pauseProducing" for entry in p.log)
+    assert p.client.producer is None or p.client.streaming is True
+
+
+@pytest.mark.parametrize("relay_setting, pauses", [("splice", True), ("twisted", False)])
+def test_for_connection_takes_the_settings(relay_setting, pauses):
+    if not splice_available():
+        skip_unless_strict("os.splice needs Linux")
+    log: list[Call] = []
+    client_far, client_near = tcp_pair()
+    remote_far, remote_near = tcp_pair()
+    try:
+        client = SocketTransport("client", log, client_near)
+        remote = SocketTransport("remote", log, remote_near)
+        clock = SpliceReactor()
+        settings = ServerSettings(
+            relay=relay_setting, idle_timeout=30.0, linger_timeout=7.0, paused_check_interval=3.0
+        )
+        relay = Relay.for_connection(client, remote, clock, lambda r: None, settings)
+        relay.start()
+        remote.producer.pauseProducing()  # the client side is paused: asked after 3 s
+        assert sorted(c.getTime() for c in clock.getDelayedCalls()) == [3.0, 30.0]
+        remote.producer.resumeProducing()
+        del log[:]
+        relay.data(relay.client, b"u" * SPLICE_AFTER)
+        assert any(entry[1] == "pauseProducing" for entry in log) is pauses
+        relay.unsplice()
+        relay.lost(relay.client)
+        assert any(c.getTime() == 7.0 for c in clock.getDelayedCalls())
+    finally:
+        for sock in (client_far, client_near, remote_far, remote_near):
+            sock.close()
+
+
+def test_a_connection_lost_while_waiting_for_its_buffer_does_not_splice(spliced):
+    p = spliced
+    p.reach_splice_after()
+    waiting = p.client.producer
+    # the connection is lost: Twisted stops its producer and forgets it
+    waiting.stopProducing()
+    p.client.producer = None
+    del p.log[:]
+    waiting.resumeProducing()
+    p.remote.producer.resumeProducing()
+    assert p.client.calls() == []  # not cancelled again, not counted as drained
+    assert p.relay.mode == "twisted" and not p.reactor.readers
+
+
+class PausingTransport(SocketTransport):
+    """Like Twisted's transports: a write past its buffer pauses the producer."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(data) > 1 and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+def test_a_side_paused_by_the_bytes_handed_back_is_not_resumed():
+    p = SplicePair(remote_class=PausingTransport)
+    try:
+        p.remote_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        p.remote.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        p.relay.data(p.relay.remote, b"d")
+        p.relay.data(p.relay.client, b"u")  # small writes: nothing paused yet
+        p.relay.data(p.relay.remote, b"d" * (SPLICE_AFTER - 2))
+        assert not p.relay.client.paused
+        p.drain_both()
+        p.client_far.setblocking(False)
+        try:
+            for _ in range(64):
+                p.client_far.send(b"x" * 65536)
+                p.reactor.run(rounds=2)
+        except BlockingIOError:
+            pass
+        p.reactor.run(rounds=2)
+        del p.log[:]
+        p.relay.unsplice()  # the pipe's bytes fill the remote's buffer: the client is paused
+        assert p.client.calls()[-1] == ("pauseProducing",) and p.client.paused
+        assert p.relay.client.paused and ("resumeProducing",) in p.remote.calls()
+    finally:
+        p.close()
+
+
+def test_a_held_destination_pauses_the_remote_side_not_the_client(spliced):
+    p = spliced
+    p.client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    p.client_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    p.reach_splice_after()
+    p.drain_both()
+    p.remote_far.setblocking(False)
+    try:
+        for _ in range(64):
+            p.remote_far.send(b"y" * 65536)
+            p.reactor.run(rounds=2)
+    except BlockingIOError:
+        pass
+    p.reactor.run(rounds=2)
+    assert p.relay.remote.paused and not p.relay.client.paused

@@ -9,15 +9,23 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socksident.ident import IdentAnswer, IdentOutcome
-from socksident.policy import Decision, DefaultPolicy, IdentMode, IPolicy, PolicyContext
+from socksident.policy import (
+    Decision,
+    DefaultPolicy,
+    IdentMode,
+    IEarlyRefusal,
+    IPolicy,
+    PolicyContext,
+    Route,
+)
 from socksident.server import ServerSettings, SOCKS4ServerFactory
 from socksident.state import TRANSITIONS, InvalidTransition, State
-from socksident.socks4 import Command, ReplyCode, build_reply, build_request
+from socksident.socks4 import Command, IdentdMismatch, ReplyCode, build_reply, build_request
 
 
 class Transport(StringTransport):
@@ -68,8 +76,10 @@ class Harness:
         policy: Any = None,
         client: tuple[str, int] = ("127.0.0.1", 40000),
         server: tuple[str, int] = ("127.0.0.1", 1080),
+        start_at: float = 0.0,
     ) -> None:
         self.reactor = MemoryReactorClock()
+        self.reactor.advance(start_at)
         self.resolver = FakeResolver()
         self.ident = FakeIdent()
         self.factory = SOCKS4ServerFactory(
@@ -205,7 +215,7 @@ def test_connect_time_limit_gets_91_and_stops_connecting(access_events):
     assert h.client.value() == build_reply(ReplyCode.REJECTED)
     assert h.client.disconnecting
     assert h.reactor.connectors[0].stoppedConnecting
-    assert "within 120 s" in access_events[0]["reason"]
+    assert access_events[0]["reason"] == "no connection established within 120 s"
     assert h.reactor.getDelayedCalls() == []
 
 
@@ -657,7 +667,7 @@ def test_a_client_leaving_before_its_request_writes_one_record(access_events):
     h.proto.connectionLost(Failure(Exception("gone")))
     h.reactor.advance(60)
     [event] = access_events
-    assert "before a complete request" in event["reason"]
+    assert event["reason"] == "client closed the connection before a complete request"
     assert h.reactor.getDelayedCalls() == []
 
 
@@ -756,3 +766,275 @@ def test_an_address_resolved_twice_is_tried_once(access_events):
     h.refuse_outbound(1)
     assert [c[:2] for c in h.reactor.tcpClients] == [("192.0.2.9", 443), ("2001:db8::1", 443)]
     assert h.client.value() == build_reply(ReplyCode.REJECTED)
+
+
+# -- what the record and the gauges read of a connection -----------------------------------
+
+
+def test_the_record_times_the_connection_and_its_grant(access_events):
+    h = Harness(start_at=100.0)
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.reactor.advance(2)
+    h.connect_outbound()
+    h.reactor.advance(3)
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    h.proto.connectionLost(Failure(Exception("done")))
+    [event] = access_events
+    assert (event["time"], event["time_to_grant"], event["duration"]) == (100.0, 2.0, 5.0)
+    assert event["refusal"] is None and event["code"] == 90
+
+
+def test_a_refused_request_has_no_time_to_grant(access_events):
+    h = Harness(policy=RecordingPolicy(Decision(ReplyCode.REJECTED, "not you")), start_at=10.0)
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.proto.connectionLost(Failure(Exception("done")))
+    [event] = access_events
+    assert event["time_to_grant"] is None and event["refusal"] == "RequestRejectedOrFailed"
+
+
+def test_the_relay_gauge_counts_a_relay_while_it_runs():
+    h = Harness()
+    changes: list[tuple[str, int]] = []
+    h.factory.live.watchers.append(lambda what, delta: changes.append((what, delta)))
+    h.relayed()
+    assert h.factory.live.relays == 1 and changes == [("relays", 1)]
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert h.factory.live.relays == 0
+    assert changes == [("relays", 1), ("relays", -1), ("connections", -1)]
+
+
+@pytest.mark.parametrize(
+    "why_granted, reason",
+    [
+        ("loopback", "loopback; cut off: the server is stopping"),
+        ("", "the server is stopping"),  # a policy that gives no reason
+    ],
+)
+def test_a_relay_cut_off_by_the_server_says_why(why_granted, reason, access_events):
+    h = Harness(policy=RecordingPolicy(Decision(ReplyCode.GRANTED, why_granted)))
+    h.relayed()
+    h.proto.cut_off("the server is stopping")
+    assert h.client.disconnected
+    h.proto.connectionLost(Failure(Exception("aborted")))
+    h.remote_proto.connectionLost(Failure(Exception("closed")))
+    [event] = access_events
+    assert event["reason"] == reason
+
+
+class OrderedTransport(Transport):
+    """Records the order of the writes and the producer registrations."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.order: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.order.append("write")
+        super().write(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.order.append("registerProducer")
+        super().registerProducer(producer, streaming)
+
+
+def test_early_data_reaches_the_destination_before_the_transports_are_paired():
+    """So a full buffer cannot pause the client before the server resumes it."""
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice") + b"early")
+    host, port, factory, _, _ = h.reactor.tcpClients[-1]
+    remote_proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+    remote = OrderedTransport(peerAddress=IPv4Address("TCP", host, port))
+    remote_proto.makeConnection(remote)
+    assert remote.value() == b"early"
+    assert remote.order == ["write", "registerProducer"]
+
+
+@pytest.mark.parametrize(
+    "settings, user, host",
+    [
+        (ServerSettings(max_user_id_length=5), "abcdef", None),
+        (ServerSettings(max_hostname_length=8), "alice", "example.com"),
+    ],
+)
+def test_the_request_limits_come_from_the_settings(settings, user, host, access_events):
+    h = Harness(settings)
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", user, hostname=host))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.reactor.tcpClients == [] and h.resolver.calls == []
+    within = Harness(settings)
+    within.send(build_request(Command.CONNECT, 80, "192.0.2.7", user[:5], hostname=host and "a.b"))
+    assert within.client.value() == b""  # parsed, and on its way
+
+
+@implementer(IPolicy)
+class AnswersItsCancellation:
+    """A policy still deciding when the time runs out; it answers the cancel itself."""
+
+    def check(self, request: Any, context: PolicyContext) -> Deferred[Decision]:
+        return Deferred(lambda d: d.errback(IdentdMismatch("the answer came as we gave up")))
+
+
+def test_a_step_that_answers_its_cancellation_is_replied_as_it_answered(access_events):
+    h = Harness(ServerSettings(connect_timeout=10), AnswersItsCancellation())
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    h.reactor.advance(10)
+    assert h.client.value() == build_reply(ReplyCode.IDENT_MISMATCH)
+    assert access_events[0]["reason"] == "the answer came as we gave up"
+
+
+class FailingWrites(Transport):
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("a programming error in the relay")
+
+
+def test_a_programming_error_in_the_relay_aborts_and_is_logged_with_the_client(access_events):
+    h = Harness()
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice") + b"early")
+    host, port, factory, _, _ = h.reactor.tcpClients[-1]
+    remote_proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+    with capturedLogs() as events:
+        remote_proto.makeConnection(FailingWrites(peerAddress=IPv4Address("TCP", host, port)))
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(RuntimeError)
+    assert event["log_format"] == "unexpected error serving {client}"
+    assert event["client"] == "127.0.0.1:40000"
+    assert h.proto.state is State.RELAY and h.client.disconnected  # aborted
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 80, "192.0.2.7")  # no 91 after
+
+
+def test_a_bind_client_that_half_closes_while_pending_is_closed():
+    h = Harness(ServerSettings(bind_without_connect=True))
+    h.send(build_request(Command.BIND, 80, "0.0.0.1", "alice", hostname="app.example"))
+    assert h.proto.state is State.PENDING
+    h.proto.readConnectionLost()
+    assert h.client.disconnecting
+
+
+# -- the establishment's less travelled paths ----------------------------------------------
+
+
+def test_a_connect_to_an_address_leaves_from_the_source_address(access_events):
+    h = Harness(ServerSettings(source_addresses=("127.0.0.9",), connect_timeout=30))
+    h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice") + b"early")
+    [(host, port, _, timeout, bind)] = h.reactor.tcpClients
+    assert (host, port, timeout, bind) == ("192.0.2.7", 8080, 30, ("127.0.0.9", 0))
+    remote = h.connect_outbound()
+    assert h.client.value() == build_reply(ReplyCode.GRANTED, 8080, "192.0.2.7")
+    assert remote.value() == b"early"
+    h.send(b" and more")
+    assert remote.value() == b"early and more"
+    h.remote_proto.connectionLost(Failure(Exception("done")))
+    h.proto.connectionLost(Failure(Exception("done")))
+    [event] = access_events
+    assert event["address"] == "192.0.2.7" and event["code"] == 90
+    assert event["next_hop"] is None and event["next_hop_reply"] is None
+
+
+def test_a_source_address_race_keeps_its_own_time_limit():
+    h = Harness(ServerSettings(source_addresses=("127.0.0.9",), connect_timeout=30))
+    h.send(build_request(Command.CONNECT, 8080, "192.0.2.7", "alice"))
+    assert [call.getTime() for call in h.reactor.getDelayedCalls()].count(30.0) == 2
+    h.reactor.advance(30)
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+
+
+def test_the_next_address_is_tried_after_the_configured_delay():
+    h = Harness(ServerSettings(connect_attempt_delay=2.0))
+    h.send(build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="two.example"))
+    h.resolver.answer("192.0.2.7", "192.0.2.8")
+    assert [c[0] for c in h.reactor.tcpClients] == ["192.0.2.7"]
+    h.reactor.advance(1.9)
+    assert len(h.reactor.tcpClients) == 1
+    h.reactor.advance(0.1)
+    assert [c[0] for c in h.reactor.tcpClients] == ["192.0.2.7", "192.0.2.8"]
+
+
+def test_the_policy_sees_the_request_and_every_part_of_the_connection():
+    policy = RecordingPolicy(Decision(ReplyCode.REJECTED, "no"))
+    h = Harness(policy=policy, client=("10.1.2.3", 40001), server=("10.0.0.1", 1081))
+    request = build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="one.example")
+    h.send(request)
+    h.resolver.answer("192.0.2.7")
+    [(seen, context)] = policy.seen
+    assert seen is h.proto.request and seen.hostname == "one.example"
+    assert (context.client_host, context.client_port) == ("10.1.2.3", 40001)
+    assert (context.server_host, context.server_port) == ("10.0.0.1", 1081)
+    assert context.addresses == ("192.0.2.7",)
+
+
+@implementer(IPolicy, IEarlyRefusal)
+class EarlyRecording(RecordingPolicy):
+    def __init__(self, early: Optional[Decision]) -> None:
+        super().__init__(Decision(ReplyCode.GRANTED, "late"))
+        self.early = early
+        self.early_seen: list[tuple[Any, PolicyContext]] = []
+
+    def refuse_early(self, request: Any, context: PolicyContext) -> Optional[Decision]:
+        self.early_seen.append((request, context))
+        return self.early
+
+
+def test_an_early_refusal_sees_the_request_and_no_addresses_yet():
+    policy = EarlyRecording(Decision(ReplyCode.REJECTED, "not that name"))
+    h = Harness(policy=policy)
+    h.send(build_request(Command.CONNECT, 80, "0.0.0.1", "alice", hostname="bad.example"))
+    [(seen, context)] = policy.early_seen
+    assert seen is h.proto.request and context.addresses == ()
+    assert h.resolver.calls == [] and h.client.value() == build_reply(ReplyCode.REJECTED)
+
+
+def test_a_bind_without_an_open_connect_names_the_addresses(access_events):
+    h = Harness()
+    h.send(build_request(Command.BIND, 21, "0.0.0.1", "alice", hostname="app.example"))
+    h.resolver.answer("192.0.2.7", "192.0.2.8")
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert access_events[0]["reason"] == (
+        "BIND without an open CONNECT from this client to 192.0.2.7, 192.0.2.8"
+        " (see --bind-without-connect)"
+    )
+
+
+def test_a_failing_on_granted_is_logged_with_the_client():
+    class Failing:
+        def check(self, request: Any, context: PolicyContext) -> Decision:
+            return Decision(ReplyCode.GRANTED, "ok", on_granted=self.fail)
+
+        def fail(self) -> None:
+            raise OSError("no such command")
+
+    h = Harness(policy=Failing())
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    with capturedLogs() as events:
+        h.connect_outbound()
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(OSError)
+    assert formatEvent(event) == "the policy's on_granted for 127.0.0.1:40000 failed"
+    assert h.proto.state is State.RELAY  # the relay goes on
+
+
+def test_a_next_hop_route_without_a_next_hop_is_91_naming_the_destination(access_events):
+    h = Harness(policy=RecordingPolicy(Decision(ReplyCode.GRANTED, "ok", route=Route.NEXT_HOP)))
+    h.send(build_request(Command.CONNECT, 80, "192.0.2.7", "alice"))
+    assert h.client.value() == build_reply(ReplyCode.REJECTED)
+    assert h.reactor.tcpClients == []
+    h.proto.connectionLost(Failure(Exception("done")))
+    assert access_events[0]["reason"] == (
+        "the policy sends 192.0.2.7 via the next hop, but no --next-hop is set"
+    )
+
+
+def test_a_client_over_the_limit_that_leaves_early_is_recorded_as_refused(access_events):
+    h = Harness(ServerSettings(max_per_host=1))
+    second = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    second.makeConnection(
+        Transport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40001),
+        )
+    )
+    second.connectionLost(Failure(Exception("gone")))
+    [event] = access_events
+    assert event["refusal"] == "LimitReached" and event["code"] is None
+    assert event["reason"].endswith("; client closed the connection before a complete request")
