@@ -580,7 +580,7 @@ def main() -> int:
     identd: Optional[Process] = None
     results: dict[str, list[dict[str, Any]]] = {s.name: [] for s in chosen}
     extra: dict[str, Any] = {}
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     try:
         destinations.wait_listening(ECHO_PORT)
         if any(s.ident for s in chosen):
@@ -608,8 +608,7 @@ def main() -> int:
     extra.update(hop_cost(results))
     text, summary = table(results, {k: v for k, v in extra.items() if k != "oidentd_rates"})
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-               f"Python {platform.python_version()}, load average before "
-               f"{os.getloadavg()[0]:.2f}")
+               f"Python {platform.python_version()}, load average before {load_before:.2f}")
     print(f"{machine}; {args.rounds} rounds in {time.monotonic() - started:.0f} s; "
           f"medians (min-max)")
     print(text)
