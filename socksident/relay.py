@@ -288,7 +288,9 @@ class Relay:
                 assert side.peer is not None
                 write_now(side.peer.transport, left[side.name])  # may pause `side` again
         for side in sides:
-            if not (side.paused or side.lost or side.read_closed):
+            # Neither side is lost or read-closed here: both are recorded
+            # only after unsplice has run.
+            if not side.paused:
                 side.transport.resumeProducing()
 
     # -- what the splicer tells (`splice.SpliceEvents`) -----------------------------

@@ -41,6 +41,7 @@ def test_the_parent_rebuilds_the_event_an_in_process_emit_makes() -> None:
     assert access_fields(rebuilt) == access_fields(original)  # what metrics and the JSON log read
     assert rebuilt["log_level"] is LogLevel.info and rebuilt["log_namespace"] == ACCESS_NAMESPACE
     assert rebuilt["log_time"] == original["log_time"]
+    assert "log_source" in rebuilt and rebuilt["log_source"] is original["log_source"]
     assert all(rebuilt[name] == original[name] for name in FIELDS)
 
 
@@ -65,12 +66,20 @@ def test_a_failure_travels_as_its_text_and_the_workers_copy_is_untouched() -> No
     assert isinstance(failure.value, ZeroDivisionError)
 
 
-@pytest.mark.parametrize("line", ["A{", "A[]", 'A{"t": 1.0, "s": "x"}', 'A{"f": []}', "not json"])
-def test_a_line_that_is_no_event_is_a_value_error(line: str) -> None:
+@pytest.mark.parametrize("line", ["A{", "not json"])
+def test_a_line_that_is_not_json_is_a_value_error(line: str) -> None:
     with pytest.raises(ValueError):
         event_from_line(line)
 
 
-def test_the_compact_line_is_plain_json_after_its_tag() -> None:
-    compact = json.loads(event_to_line(emitted())[1:])
+@pytest.mark.parametrize("line", ["A[]", 'A{"t": 1.0, "s": "x"}', 'A{"f": []}'])
+def test_an_access_line_without_its_fields_says_so(line: str) -> None:
+    with pytest.raises(ValueError, match="^an access event without its fields$"):
+        event_from_line(line)
+
+
+def test_the_compact_line_is_plain_json_after_its_tag_without_spaces() -> None:
+    line = event_to_line(emitted())
+    compact = json.loads(line[1:])
     assert set(compact) == {"t", "s", "f"} and list(compact["f"]) == list(FIELDS)
+    assert line == "A" + json.dumps(compact, separators=(",", ":")) + "\n"
