@@ -24,6 +24,7 @@ from socksident.settings import ServerSettings
 from socksident.splice import splice_available
 
 from integration.conftest import skip_unless_strict
+from test_splice import Reactor
 
 Call = tuple[Any, ...]
 
@@ -770,25 +771,12 @@ class SocketTransport(FakeTransport):
         self.log.append((self.name, "stopWriting"))
 
 
-class SpliceReactor(Clock):
+class SpliceReactor(Reactor, Clock):
     """A clock that also records the descriptors the splicer watches."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.readers: set[Any] = set()
-        self.writers: set[Any] = set()
-
-    def addReader(self, d: Any) -> None:
-        self.readers.add(d)
-
-    def removeReader(self, d: Any) -> None:
-        self.readers.remove(d)
-
-    def addWriter(self, d: Any) -> None:
-        self.writers.add(d)
-
-    def removeWriter(self, d: Any) -> None:
-        self.writers.remove(d)
+        Reactor.__init__(self)
+        Clock.__init__(self)
 
     def run(self, rounds: int = 20) -> None:
         for _ in range(rounds):
