@@ -284,12 +284,15 @@ class RequestParser:
         return request, end
 
 
-@functools.lru_cache(maxsize=4096)
-def reply_address(host: str) -> str:
+def _reply_address(host: str) -> str:
     """The DSTIP a reply can carry for `host`: replies hold IPv4 only, and
     0.0.0.0 tells the client to use the proxy's own address."""
     address = ip_of(host)
     return str(address) if isinstance(address, ipaddress.IPv4Address) else "0.0.0.0"
+
+
+#: Cached: every reply asks it again for the same few addresses.
+reply_address = functools.lru_cache(maxsize=4096)(_reply_address)
 
 
 def build_reply(
