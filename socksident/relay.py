@@ -38,6 +38,7 @@ from zope.interface import implementer
 from socksident import linger
 from socksident._types import DelayedCall, ReactorTime
 from socksident.settings import ServerSettings
+from socksident.relayside import RelaySide
 from socksident.splice import Splicer, spliceable, splice_available
 from socksident.writenow import close_now, close_write_now, write_now
 
@@ -48,29 +49,6 @@ log = Logger()
 #: Bytes a relay moves through Twisted before it is spliced: most short
 #: exchanges end before this and never pay for the pipes.
 SPLICE_AFTER = 128 * 1024
-
-
-class RelaySide:
-    """One connection of the pair and what has happened to it."""
-
-    __slots__ = ("name", "transport", "peer", "bytes_received", "read_closed", "lost",
-                 "has_producer", "paused", "closing")  # two per relay, for as long as it lasts
-
-    def __init__(self, name: str, transport: Any) -> None:
-        self.name = name
-        self.transport = transport
-        self.peer: Optional[RelaySide] = None
-        self.bytes_received = 0
-        self.read_closed = False
-        self.lost = False
-        self.has_producer = False  # the peer's transport is registered on ours
-        self.paused = False  # by the peer's full write buffer
-        self.closing = False  # a close (flush, then close) was asked of it
-
-    def unregister_producer(self) -> None:
-        if self.has_producer:
-            self.has_producer = False
-            self.transport.unregisterProducer()
 
 
 @implementer(IPushProducer)

@@ -15,7 +15,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socksident.relay import Relay, RelaySide
+from socksident.relay import Relay
+from socksident.relayside import RelaySide
 
 __all__ = ["PendingEvents", "RemoteProtocol"]
 
