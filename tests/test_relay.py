@@ -25,6 +25,7 @@ from socksident.splice import splice_available
 
 from integration.conftest import skip_unless_strict
 from test_splice import Reactor
+from test_splice import run as run_descriptors
 
 Call = tuple[Any, ...]
 
@@ -779,13 +780,7 @@ class SpliceReactor(Reactor, Clock):
         Clock.__init__(self)
 
     def run(self, rounds: int = 20) -> None:
-        for _ in range(rounds):
-            for d in list(self.readers):
-                if d in self.readers:
-                    d.doRead()
-            for d in list(self.writers):
-                if d in self.writers:
-                    d.doWrite()
+        run_descriptors(self, rounds)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -838,6 +833,17 @@ class SplicePair:
         """Both transports report an empty write buffer to their pull producer."""
         for transport in (self.client, self.remote):
             transport.producer.resumeProducing()
+
+    def flood(self, far: socket.socket, chunk: bytes) -> None:
+        """Send from a far end until the kernel refuses more, the splicer running meanwhile."""
+        far.setblocking(False)
+        try:
+            for _ in range(64):
+                far.send(chunk)
+                self.reactor.run(rounds=2)
+        except BlockingIOError:
+            pass
+        self.reactor.run(rounds=2)
 
 
 @pytest.fixture
@@ -1088,14 +1094,7 @@ def test_a_side_paused_by_the_bytes_handed_back_is_not_resumed():
         p.relay.data(p.relay.remote, b"d" * (SPLICE_AFTER - 2))
         assert not p.relay.client.paused
         p.drain_both()
-        p.client_far.setblocking(False)
-        try:
-            for _ in range(64):
-                p.client_far.send(b"x" * 65536)
-                p.reactor.run(rounds=2)
-        except BlockingIOError:
-            pass
-        p.reactor.run(rounds=2)
+        p.flood(p.client_far, b"x" * 65536)
         del p.log[:]
         p.relay.unsplice()  # the pipe's bytes fill the remote's buffer: the client is paused
         assert p.client.calls()[-1] == ("pauseProducing",) and p.client.paused
@@ -1110,12 +1109,5 @@ def test_a_held_destination_pauses_the_remote_side_not_the_client(spliced):
     p.client_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     p.reach_splice_after()
     p.drain_both()
-    p.remote_far.setblocking(False)
-    try:
-        for _ in range(64):
-            p.remote_far.send(b"y" * 65536)
-            p.reactor.run(rounds=2)
-    except BlockingIOError:
-        pass
-    p.reactor.run(rounds=2)
+    p.flood(p.remote_far, b"y" * 65536)
     assert p.relay.remote.paused and not p.relay.client.paused
