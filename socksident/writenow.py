@@ -1,16 +1,16 @@
-"""Write to, and half-close, a plain TCP transport at once, not on the reactor's next turn.
+"""Write to, half-close and close a plain TCP transport at once, not on the reactor's next turn.
 
-`transport.write` and `transport.loseWriteConnection` only queue: the bytes
-(or the FIN) go out when the reactor next finds the socket writable, which
-costs two ``epoll_ctl`` calls (watch for writability, stop watching) and a
-reactor turn each.  A SOCKS handshake and a short relayed exchange are a
-few small writes and two half-closes, and those round trips were a
-measurable part of the CPU a CONNECT costs.
+`transport.write`, `loseWriteConnection` and `loseConnection` only queue: the
+bytes, the FIN or the close happen when the reactor next finds the socket
+writable, which costs two ``epoll_ctl`` calls (watch for writability, stop
+watching) and a reactor turn each.  A SOCKS handshake and a short relayed
+exchange are a few small writes, two half-closes and two closes, and those
+round trips were a measurable part of the CPU a CONNECT costs.
 
-Both act at once only when nothing is queued ahead (so the order of bytes
-and FIN holds) and hand every other case to Twisted: flow control,
-errors, TLS and a busy buffer stay Twisted's.  The half-close does what
-Twisted's own write handler does once the buffer is empty
+All three act at once only when nothing is queued ahead (so the order of
+bytes, FIN and close holds) and hand every other case to Twisted: flow
+control, errors, TLS and a busy buffer stay Twisted's.  The half-close does
+what Twisted's own write handler does once the buffer is empty
 (`FileDescriptor.doWrite`), so the transport's state stays Twisted's too.
 """
 
