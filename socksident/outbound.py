@@ -13,12 +13,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import (
     IAddress,
-    IConnector,
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
@@ -29,6 +26,7 @@ from zope.interface import implementer
 
 from socksident._types import DelayedCall, ReactorTCPTime
 from socksident.address import is_unspecified
+from socksident.dial import dial
 from socksident.socks4 import Request, RequestRejectedOrFailed
 
 __all__ = [
@@ -137,7 +135,6 @@ class _Race:
         self.attempts: dict[str, Deferred[IProtocol]] = {}
         self.failures: list[str] = []
         self.done = False
-        self.started = reactor.seconds()
         self.result: Deferred[tuple[str, IProtocol]] = Deferred(self._cancelled)
         self.next_attempt: Optional[DelayedCall] = None
         self.deadline: Optional[DelayedCall] = reactor.callLater(timeout, self._time_up)
@@ -160,16 +157,7 @@ class _Race:
         self._check_lost()
 
     def _attempt(self, address: str, source: Optional[str]) -> None:
-        endpoint_type = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        remaining = max(self.timeout - (self.reactor.seconds() - self.started), 0.001)
-        endpoint = endpoint_type(
-            self.reactor,
-            address,
-            self.port,
-            timeout=remaining,
-            bindAddress=(source, 0) if source is not None else None,
-        )
-        attempt = endpoint.connect(self.factory)
+        attempt = dial(self.reactor, address, self.port, self.factory, source)
         self.attempts[address] = attempt
         attempt.addCallbacks(
             self._won, self._lost, callbackArgs=(address,), errbackArgs=(address,)
@@ -250,59 +238,20 @@ def connect(
     return _Race(reactor, addresses, port, timeout, factory, sources, delay).result
 
 
-class _OneConnection(ClientFactory):
-    """One connection attempt into a Deferred, without an endpoint's layers.
-
-    The handshake's hot path: a CONNECT to a single address.  No timer of its
-    own: the server's one deadline cancels it (cancelling stops connecting).
-    """
-
-    noisy = False
-
-    def __init__(self, address: str, factory: IProtocolFactory) -> None:
-        self.address = address
-        self.factory = factory
-        self.connector: Any = None
-        self.done: Deferred[IProtocol] = Deferred(self._cancel)
-
-    def _cancel(self, done: Deferred[IProtocol]) -> None:
-        if self.connector is not None:
-            self.connector.stopConnecting()
-
-    def buildProtocol(self, addr: Optional[IAddress]) -> Any:
-        protocol = self.factory.buildProtocol(addr)  # type: ignore[arg-type]
-        if protocol is None:
-            return None
-        made = protocol.makeConnection
-
-        def announce(transport: Any) -> None:
-            # Twisted calls this right after buildProtocol, in the same turn:
-            # the Deferred fires once the protocol has its transport.  The
-            # protocol lives as long as the relay: it keeps no closure.
-            del protocol.makeConnection
-            made(transport)
-            if self.done.called:  # cancelled while it connected
-                transport.abortConnection()
-            else:
-                self.done.callback(protocol)
-
-        protocol.makeConnection = announce  # type: ignore[method-assign]
-        return protocol
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        if not self.done.called:
-            self.done.errback(
-                ConnectFailed(f"connect failed: {self.address}: {reason.value}")
-            )
-
-
 def connect_one(
     reactor: ReactorTCPTime, address: str, port: int, factory: IProtocolFactory
 ) -> Deferred[IProtocol]:
-    """Connect to one address: the connected protocol, or `ConnectFailed`.
+    """Connect to one address: the connected protocol, or `ConnectFailed`
+    naming the address and what happened.
 
-    Cancelling stops the attempt (CancelledError).
+    The handshake's hot path, a CONNECT to an IP address: no race and no
+    timer of its own (the server's one deadline cancels it, and cancelling
+    stops the attempt: CancelledError).
     """
-    attempt = _OneConnection(address, factory)
-    attempt.connector = reactor.connectTCP(address, port, attempt, timeout=None)
-    return attempt.done
+    return dial(reactor, address, port, factory).addErrback(_named, address)
+
+
+def _named(failure: Failure, address: str) -> Failure:
+    if failure.check(ConnectError):
+        raise ConnectFailed(f"connect failed: {address}: {failure.value}")
+    return failure

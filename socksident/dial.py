@@ -1,0 +1,243 @@
+"""Dialling one TCP address: Twisted's transport, without Twisted's connector.
+
+`reactor.connectTCP` builds a `Connector` and a `Client` transport that
+keeps the connector, and with it the factory and its Deferred, for the
+whole life of the connection; it makes its socket in four system calls,
+watches it for reading and writing while it connects, and calls
+``connect`` once more when it is done.  A relay's remote side needs none of
+that, and a proxy holding thousands of idle relays pays for it in memory,
+as it pays on every CONNECT in CPU.
+
+`dial` makes the socket non-blocking and close-on-exec in one call, watches
+it for writability only, and on success wraps it in a `DialledConnection`:
+a `tcp.Connection`, Twisted's own transport, so writes, flow control,
+half-close, the linger checks and the splice hand-over treat it like any
+other.  A reactor that does not run on file descriptors (a memory reactor
+in tests, IOCP) dials through its own `connectTCP` instead.
+
+There is no timer here: every caller already has a deadline, and
+cancelling the Deferred stops the attempt and closes the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Optional
+
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectBindError, getConnectError
+from twisted.internet.interfaces import IConnector, IProtocol, IProtocolFactory, IWriteDescriptor
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["DialledConnection", "dial"]
+
+_SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(
+    socket, "SOCK_CLOEXEC", 0
+)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+    return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+
+
+class DialledConnection(tcp.Connection):
+    """A TCP connection `dial` made: reads at once, knows both its addresses.
+
+    It keeps only what the peer's address needs (the destination's host
+    and port); the log prefix is one string for all of them.
+    """
+
+    logstr = "dialled"
+    _tlsClientDefault = True  # startTLS on it would be the client's side
+
+    def __init__(
+        self, sock: socket.socket, protocol: IProtocol, peer: tuple[str, int], reactor: Any
+    ) -> None:
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        self._peer = peer
+        self.connected = 1
+        self.startReading()
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return _address(*self._peer)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        host, port = self.socket.getsockname()[:2]
+        return _address(host, port)
+
+    def __repr__(self) -> str:
+        host, port = self._peer
+        return f"<DialledConnection to {host}:{port}>"
+
+
+@implementer(IWriteDescriptor)
+class _Dialling:
+    """A socket while it connects: watched for writability, then handed on."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        factory: IProtocolFactory,
+        sock: socket.socket,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.socket: Optional[socket.socket] = sock
+        self.done: Deferred[IProtocol] = Deferred(self._cancel)
+
+    # -- what the reactor calls --------------------------------------------
+
+    def fileno(self) -> int:
+        return self.socket.fileno() if self.socket is not None else -1
+
+    def logPrefix(self) -> str:
+        return "dialling"
+
+    def doWrite(self) -> None:
+        """Writable: connected, or failed (SO_ERROR says which)."""
+        self.reactor.removeWriter(self)
+        self._settle()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw an error or hang-up on the socket (a refusal)."""
+        self._settle(errno.ECONNREFUSED)
+
+    # -- the outcome -------------------------------------------------------------
+
+    def _settle(self, unexplained: int = 0) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or unexplained
+        if err:
+            self._fail(getConnectError((err, os.strerror(err))))
+        else:
+            self.connected()
+
+    def connected(self) -> None:
+        sock, self.socket = self.socket, None
+        assert sock is not None
+        protocol = self.factory.buildProtocol(_address(self.host, self.port))
+        if protocol is None:
+            sock.close()
+            self.done.errback(getConnectError((0, "the factory built no protocol")))
+            return
+        transport = DialledConnection(sock, protocol, (self.host, self.port), self.reactor)
+        protocol.makeConnection(transport)
+        self.done.callback(protocol)
+
+    def _fail(self, reason: Exception) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        self.done.errback(reason)
+
+    def _cancel(self, done: Deferred[IProtocol]) -> None:
+        if self.socket is not None:
+            self.reactor.removeWriter(self)
+            self.socket.close()
+            self.socket = None  # the Deferred then fails with CancelledError
+
+
+def dial(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: IProtocolFactory,
+    source: Optional[str] = None,
+) -> Deferred[IProtocol]:
+    """Connect to `host` (an IP address) on `port`, leaving from `source` if given.
+
+    Fires with the protocol `factory` built, once it has its transport;
+    fails with Twisted's `ConnectError` of the kind that happened
+    (refused, unreachable, `ConnectBindError` for the source address).
+    Cancelling stops the attempt (CancelledError).
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return _through_connector(reactor, host, port, factory, source)
+    sock = socket.socket(_family(host), _SOCKET_FLAGS)
+    if not _SOCKET_FLAGS & getattr(socket, "SOCK_NONBLOCK", 0):
+        sock.setblocking(False)  # pragma: no cover (platforms without SOCK_NONBLOCK)
+    attempt = _Dialling(reactor, host, port, factory, sock)
+    if source is not None:
+        try:
+            sock.bind((source, 0))
+        except OSError as error:
+            attempt._fail(ConnectBindError(error.errno, error.strerror))
+            return attempt.done
+    try:
+        result = sock.connect_ex((host, port))
+    except OSError as error:  # an address the socket cannot even take
+        attempt._fail(getConnectError(error))
+        return attempt.done
+    if result == 0:
+        attempt.connected()
+    elif result in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+        reactor.addWriter(attempt)
+    else:
+        attempt._fail(getConnectError((result, os.strerror(result))))
+    return attempt.done
+
+
+class _OneConnection(ClientFactory):
+    """`dial` through `connectTCP`, for reactors that do not run on descriptors."""
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self.factory = factory
+        self.connector: Any = None
+        self.done: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def _cancel(self, done: Deferred[IProtocol]) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.factory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        made = protocol.makeConnection
+
+        def announce(transport: Any) -> None:
+            # Twisted calls this right after buildProtocol, in the same turn:
+            # the Deferred fires once the protocol has its transport.  The
+            # protocol lives as long as the relay: it keeps no closure.
+            del protocol.makeConnection
+            made(transport)
+            if self.done.called:  # cancelled while it connected
+                transport.abortConnection()
+            else:
+                self.done.callback(protocol)
+
+        protocol.makeConnection = announce  # type: ignore[method-assign]
+        return protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+def _through_connector(
+    reactor: Any, host: str, port: int, factory: IProtocolFactory, source: Optional[str]
+) -> Deferred[IProtocol]:
+    attempt = _OneConnection(factory)
+    attempt.connector = reactor.connectTCP(
+        host, port, attempt, timeout=None, bindAddress=(source, 0) if source else None
+    )
+    return attempt.done
