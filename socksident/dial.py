@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectBindError, getConnectError
 from twisted.internet.interfaces import IConnector, IProtocol, IProtocolFactory, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
@@ -170,7 +170,10 @@ def dial(
     """
     if not isinstance(reactor, PosixReactorBase):
         return _through_connector(reactor, host, port, factory, source)
-    sock = socket.socket(_family(host), _SOCKET_FLAGS)
+    try:
+        sock = socket.socket(_family(host), _SOCKET_FLAGS)
+    except OSError as error:  # out of descriptors, or no such family here
+        return fail(getConnectError(error))
     if not _SOCKET_FLAGS & getattr(socket, "SOCK_NONBLOCK", 0):
         sock.setblocking(False)  # pragma: no cover (platforms without SOCK_NONBLOCK)
     attempt = _Dialling(reactor, host, port, factory, sock)

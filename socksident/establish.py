@@ -37,7 +37,10 @@ from socksident.remote import RemoteProtocol
 from socksident.settings import ServerSettings
 from socksident.socks4 import Command, Request, RequestRejectedOrFailed
 
-__all__ = ["Establishment", "SharedState"]
+__all__ = ["BindListening", "Establishment", "SharedState"]
+
+#: Sends a BIND's first reply: where the application server should connect.
+BindListening = Callable[[str, int], None]
 
 log = Logger()
 
@@ -79,19 +82,21 @@ class SharedState(Protocol):
 class Establishment:
     """Policy, then the remote side, for one parsed request."""
 
+    # Kept for the access record as long as the relay lasts: slots.
+    __slots__ = ("shared", "settings", "reactor", "connection", "request", "decision",
+                 "destination_address", "via", "hop_reply", "granted_address", "ident")
+
     def __init__(
         self,
         shared: SharedState,
         connection: ConnectionInfo,
         request: Request,
-        bind_listening: Callable[[str, int], None],
     ) -> None:
         self.shared = shared
         self.settings = shared.settings
         self.reactor = shared.reactor
         self.connection = connection
         self.request = request
-        self._bind_listening = bind_listening  # BIND's first reply: host, port
         self.decision: Optional[Decision] = None
         self.destination_address: Optional[str] = None
         self.via: Optional[NextHop] = None  # set when the request goes to the next hop
@@ -101,10 +106,14 @@ class Establishment:
         self.granted_address: Optional[tuple[str, int]] = None
         self.ident: Optional[SharedIdentQuery] = None
 
-    def start(self) -> Deferred[RemoteProtocol]:
-        """The chain: fires with the connected remote side, or fails with a refusal."""
+    def start(self, bind_listening: BindListening) -> Deferred[RemoteProtocol]:
+        """The chain: fires with the connected remote side, or fails with a refusal.
+
+        `bind_listening(host, port)` sends a BIND's first reply; only the
+        chain holds it, not the establishment a relay keeps for its record.
+        """
         fast = self._connect_address()
-        return fast if fast is not None else Deferred.fromCoroutine(self._serve())
+        return fast if fast is not None else Deferred.fromCoroutine(self._serve(bind_listening))
 
     @property
     def ident_answer(self) -> Optional[IdentAnswer]:
@@ -245,7 +254,7 @@ class Establishment:
 
     # -- every other request ---------------------------------------------------------
 
-    async def _serve(self) -> RemoteProtocol:
+    async def _serve(self, bind_listening: BindListening) -> RemoteProtocol:
         request, policy = self.request, self.shared.policy
         if request.hostname is not None and IEarlyRefusal.providedBy(policy):
             early = policy.refuse_early(request, self._context(()))
@@ -263,7 +272,7 @@ class Establishment:
         self._decided(decision)
         self.via = self._routed(decision, resolved=bool(addresses))
         if self.via is not None:
-            return await self._through_next_hop(self.via)
+            return await self._through_next_hop(self.via, bind_listening)
         if request.command is Command.CONNECT:
             address, remote = await outbound.connect(
                 self.reactor,
@@ -276,13 +285,17 @@ class Establishment:
             )
             self.destination_address = address
             return cast(RemoteProtocol, remote)
-        return await self._bind(addresses)
+        return await self._bind(addresses, bind_listening)
 
-    async def _through_next_hop(self, hop: NextHop) -> RemoteProtocol:
+    async def _through_next_hop(
+        self, hop: NextHop, bind_listening: Optional[BindListening] = None
+    ) -> RemoteProtocol:
+        """CONNECT, or BIND (which has `bind_listening`), through the next hop."""
         request = self.request
         try:
             if request.command is Command.BIND:
-                return await self._bind_through(hop)
+                assert bind_listening is not None
+                return await self._bind_through(hop, bind_listening)
             remote = await hop.connect(
                 self.reactor, request, self.settings.connect_timeout, _REMOTE_FACTORY
             )
@@ -293,7 +306,7 @@ class Establishment:
         self.hop_reply = "90"
         return cast(RemoteProtocol, remote)
 
-    async def _bind_through(self, hop: NextHop) -> RemoteProtocol:
+    async def _bind_through(self, hop: NextHop, bind_listening: BindListening) -> RemoteProtocol:
         """BIND at the hop: its first reply (where it listens) and its second
         (the application server came in, and passed its DSTIP check) go to
         our client as they came.  The server's deadlines cancel this; the
@@ -309,7 +322,7 @@ class Establishment:
 
         def listening(host: str, port: int) -> None:
             self.hop_reply = "90"
-            self._bind_listening(host, port)
+            bind_listening(host, port)
 
         reported = _ReportedAddress()
         remote = await hop.bind(
@@ -323,7 +336,9 @@ class Establishment:
         self.granted_address = reported.address
         return cast(RemoteProtocol, remote)
 
-    async def _bind(self, addresses: tuple[str, ...]) -> RemoteProtocol:
+    async def _bind(
+        self, addresses: tuple[str, ...], bind_listening: BindListening
+    ) -> RemoteProtocol:
         client_host = self.connection.client_host
         if not self.settings.bind_without_connect and not self.shared.open_connects.any_open(
             client_host, addresses
@@ -344,7 +359,7 @@ class Establishment:
             listen_on,
             self.settings.bind_ports,
             addresses,
-            lambda listener: self._bind_listening(listener.host, listener.port),
+            lambda listener: bind_listening(listener.host, listener.port),
         )
         self.destination_address, _ = host_and_port(inbound.transport.getPeer())
         return inbound

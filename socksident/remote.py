@@ -72,21 +72,30 @@ class RemoteProtocol(Protocol):
     pause and resume would be two ``epoll_ctl`` calls for nothing.
     """
 
+    # One per relay: slots, for Protocol's own attributes too.
+    __slots__ = ("transport", "connected", "factory", "relay", "pending")
+
     transport: Any  # a TCP transport: also a push producer and a consumer
 
     def __init__(self) -> None:
+        self.transport = None
+        self.connected = 0
+        self.factory = None
         self.relay: Optional[Relay] = None  # attached: this is its remote side
-        self.pending = PendingEvents()
+        self.pending: Optional[PendingEvents] = PendingEvents()  # None once attached
 
     def attach(self, relay: Relay) -> None:
         """Join a started relay, replaying what happened while we waited."""
         self.relay = relay
-        self.pending.replay(relay, relay.remote)
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        pending.replay(relay, relay.remote)
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.data(self.relay.remote, data)
         else:
+            assert self.pending is not None
             self.pending.data(data)
             self.transport.pauseProducing()
 
@@ -94,6 +103,7 @@ class RemoteProtocol(Protocol):
         if self.relay is not None:
             self.relay.read_closed(self.relay.remote)
         else:
+            assert self.pending is not None
             self.pending.read_closed = True
 
     def writeConnectionLost(self) -> None:
@@ -103,4 +113,5 @@ class RemoteProtocol(Protocol):
         if self.relay is not None:
             self.relay.lost(self.relay.remote)
         else:
+            assert self.pending is not None
             self.pending.lost = True

@@ -72,6 +72,13 @@ class ServerShared(SharedState, Structural):
 class SOCKS4Server(Protocol):
     """One client connection, from its first byte to its access record."""
 
+    # One per open connection, relays idle for hours among them: slots, for
+    # Protocol's own attributes too.
+    __slots__ = ("transport", "connected", "factory", "settings", "reactor", "state", "_header",
+                 "request", "relay", "_replies", "_reason", "_refusal", "_abort_cause",
+                 "_parser", "_pending", "_establishing", "_deadline", "_chain", "_logged",
+                 "_recorded", "_admission", "_cut_off", "_time_to_grant", "connection", "started")
+
     # A stream transport that is also a push producer and a consumer (TCP,
     # TLS, UNIX); Twisted's own annotation is the narrower Optional[ITransport].
     transport: Any
@@ -79,6 +86,8 @@ class SOCKS4Server(Protocol):
     started: float
 
     def __init__(self, factory: ServerShared, expect_header: bool = False) -> None:
+        self.transport = None
+        self.connected = 0
         self.factory = factory
         self.settings = factory.settings
         self.reactor = factory.reactor
@@ -86,16 +95,18 @@ class SOCKS4Server(Protocol):
         self._header: Optional[HeaderParser] = HeaderParser() if expect_header else None
         self.request: Optional[Request] = None
         self.relay: Optional[Relay] = None
-        self._replies: list[ReplyCode] = []
+        self._replies: tuple[ReplyCode, ...] = ()
         self._reason: Optional[str] = None  # when not the decision's
         self._refusal: Optional[SOCKS4Refusal] = None
         self._abort_cause: Optional[AbortCause] = None
         self._parser: Optional[RequestParser] = RequestParser(
             self.settings.max_user_id_length, self.settings.max_hostname_length
         )  # until the request is read
-        self._pending = PendingEvents()  # the client's, until the relay starts
+        # The client's early bytes and end, until the relay starts (then None).
+        self._pending: Optional[PendingEvents] = PendingEvents()
         self._establishing: Optional[Establishment] = None
-        self._deadline = Deadline(self.reactor, self._time_up)
+        # The one time limit until the connection is settled (then None).
+        self._deadline: Optional[Deadline] = Deadline(self.reactor, self._time_up)
         self._chain: Optional[Deferred[RemoteProtocol]] = None
         self._logged = False
         self._recorded = True  # False: no access record (a balancer's health check)
@@ -113,7 +124,7 @@ class SOCKS4Server(Protocol):
         self.connection = ConnectionInfo.of_transport(self.transport)
         self.factory.live.change("connections", +1)
         self.factory.open_connections.add(self)
-        self._deadline.set(self.settings.request_timeout, "no complete request")
+        self._limit(self.settings.request_timeout, "no complete request")
         if self.state is State.REQUEST:
             self._admit()  # behind a balancer: once the header names the client
 
@@ -135,6 +146,7 @@ class SOCKS4Server(Protocol):
         elif self.state is State.PENDING and self._is_connect():
             # A client may send its request and data, then shut down its
             # write half: deliver all of it once connected, then pass the FIN.
+            assert self._pending is not None
             self._pending.read_closed = True
         else:
             self.transport.loseConnection()
@@ -143,7 +155,7 @@ class SOCKS4Server(Protocol):
         """Our write half closed during a relay; the relay tracks the rest."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._deadline.cancel()
+        self._settled()
         if self.state is State.RELAY:
             assert self.relay is not None
             self.relay.lost(self.relay.client)
@@ -229,6 +241,7 @@ class SOCKS4Server(Protocol):
         self._close_without_reply(f"sent {kind} ({error.first_bytes!r})")
 
     def _keep_early(self, data: bytes) -> None:
+        assert self._pending is not None  # (no relay yet)
         self._pending.data(data)
         if self._pending.size < self.settings.early_data_limit:
             return
@@ -259,23 +272,22 @@ class SOCKS4Server(Protocol):
         if isinstance(self._abort_cause, SOCKS4Refusal):
             self._reply_and_close(self._abort_cause)
             return
-        self._deadline.set(self.settings.connect_timeout, "no connection established")
-        self._establishing = Establishment(
-            self.factory, self.connection, request, self._bind_listening
-        )
-        self._chain = self._establishing.start()
-        self._chain.addCallbacks(self._granted, self._ended)
-        self._chain.addErrback(self._unexpected)
+        self._limit(self.settings.connect_timeout, "no connection established")
+        self._establishing = Establishment(self.factory, self.connection, request)
+        chain = self._chain = self._establishing.start(self._bind_listening)
+        chain.addCallbacks(self._granted, self._ended)  # (may settle at once)
+        chain.addErrback(self._unexpected)
 
     def _bind_listening(self, host: str, port: int) -> None:
         """BIND's first reply: where the application server should connect
         (our listener, or the next hop's)."""
         self._send_reply(ReplyCode.GRANTED, port, reply_address(host))
         self._enter(State.BIND_WAIT)
-        self._deadline.set(self.settings.bind_timeout, "no inbound BIND connection")
+        self._limit(self.settings.bind_timeout, "no inbound BIND connection")
 
     def _granted(self, remote: RemoteProtocol) -> None:
-        self._deadline.cancel()
+        self._settled()
+        self._chain = None  # settled: a relay may last for days
         self._time_to_grant = self.reactor.seconds() - self.started
         assert self._establishing is not None
         granted = self._establishing.granted_address
@@ -289,13 +301,15 @@ class SOCKS4Server(Protocol):
         self.factory.live.change("relays", +1)
         assert self._establishing is not None
         self._establishing.track_open_connect(+1)
-        relay.start(self._pending.take_data())
+        pending, self._pending = self._pending, None  # a relay may last for days
+        assert pending is not None
+        relay.start(pending.take_data())
         remote.attach(relay)
-        self._pending.replay(relay, relay.client)
+        pending.replay(relay, relay.client)
         self._establishing.run_on_granted()
 
     def _ended(self, failure: Failure) -> None:
-        self._deadline.cancel()
+        self._settled()
         cause: object = failure.value
         if failure.check(CancelledError) and self._abort_cause is not None:
             cause = self._abort_cause
@@ -329,13 +343,13 @@ class SOCKS4Server(Protocol):
 
     def _send_reply(self, code: ReplyCode, port: int = 0, address: str = "0.0.0.0") -> None:
         write_now(self.transport, build_reply(code, port, address))
-        self._replies.append(code)
+        self._replies += (code,)
 
     def _reply_and_close(self, refusal: SOCKS4Refusal) -> None:
         self._refusal = refusal
         self._reason = refusal.reason
         self._enter(State.CLOSED)
-        self._deadline.cancel()
+        self._settled()
         if not isinstance(self._abort_cause, ClientGone):
             self._send_reply(refusal.code)
             self.transport.loseConnection()
@@ -349,7 +363,7 @@ class SOCKS4Server(Protocol):
             reason = f"{self._abort_cause.reason}; {reason}"
         self._reason = reason
         self._enter(State.CLOSED)
-        self._deadline.cancel()
+        self._settled()
         self.transport.loseConnection()
         self._finish()
 
@@ -384,7 +398,7 @@ class SOCKS4Server(Protocol):
             self.request,
             self._establishing,
             self.relay,
-            replies=tuple(self._replies),
+            replies=self._replies,
             reason=self._reason,
             refusal=self._refusal,
             started=self.started,
@@ -397,6 +411,17 @@ class SOCKS4Server(Protocol):
         emit(record)
 
     # -- the one deadline ---------------------------------------------------------
+
+    def _limit(self, seconds: float, what: str) -> None:
+        assert self._deadline is not None  # (set only until the connection is settled)
+        self._deadline.set(seconds, what)
+
+    def _settled(self) -> None:
+        """Granted, refused or gone: no time limit any more, and no timer kept
+        for a relay that may last for days."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _time_up(self, what: str, seconds: float) -> None:
         if self.state is State.HEADER:

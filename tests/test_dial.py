@@ -234,3 +234,19 @@ def test_through_connect_tcp_a_failure_and_a_cancel() -> None:
     cancelled.cancel()
     assert failures[1].check(CancelledError)
     assert memory.connectors[1].stoppedConnecting
+
+
+@pytest_twisted.inlineCallbacks
+def test_out_of_descriptors_is_a_connect_error(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> Generator[Any, Any, None]:
+    import errno
+
+    host, port = listener.getsockname()
+
+    def no_socket(*args: Any) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_socket)
+    with pytest.raises(ConnectError, match="Too many open files"):
+        yield dial(reactor, host, port, Recorders())
