@@ -9,6 +9,7 @@ carries them all, so no later step reads the transport again.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -42,6 +43,9 @@ class ConnectionInfo:
         """Read a Twisted transport's peer and host (a UNIX peer reads as ``?``)."""
         client_host, client_port = host_and_port(transport.getPeer())
         local_host, local_port = host_and_port(transport.getHost())
+        # This host's own addresses are few: one string each, not one per
+        # connection (a relay may idle for days).  Clients' are not interned.
+        local_host = sys.intern(local_host)
         return cls(client_host, client_port, local_host, local_port, local_host, local_port)
 
     def behind(self, header: ProxyHeader) -> "ConnectionInfo":

@@ -55,30 +55,31 @@ class DialledConnection(tcp.Connection):
     """A TCP connection `dial` made: reads at once, knows both its addresses.
 
     It keeps only what the peer's address needs (the destination's host
-    and port); the log prefix is one string for all of them.
+    and port, as two attributes: a tuple would cost more); the log prefix
+    is one string for all of them.
     """
 
     logstr = "dialled"
     _tlsClientDefault = True  # startTLS on it would be the client's side
 
     def __init__(
-        self, sock: socket.socket, protocol: IProtocol, peer: tuple[str, int], reactor: Any
+        self, sock: socket.socket, protocol: IProtocol, host: str, port: int, reactor: Any
     ) -> None:
         tcp.Connection.__init__(self, sock, protocol, reactor)
-        self._peer = peer
+        self._peer_host = host
+        self._peer_port = port
         self.connected = 1
         self.startReading()
 
     def getPeer(self) -> IPv4Address | IPv6Address:
-        return _address(*self._peer)
+        return _address(self._peer_host, self._peer_port)
 
     def getHost(self) -> IPv4Address | IPv6Address:
         host, port = self.socket.getsockname()[:2]
         return _address(host, port)
 
     def __repr__(self) -> str:
-        host, port = self._peer
-        return f"<DialledConnection to {host}:{port}>"
+        return f"<DialledConnection to {self._peer_host}:{self._peer_port}>"
 
 
 @implementer(IWriteDescriptor)
@@ -137,7 +138,7 @@ class _Dialling:
             sock.close()
             self.done.errback(getConnectError((0, "the factory built no protocol")))
             return
-        transport = DialledConnection(sock, protocol, (self.host, self.port), self.reactor)
+        transport = DialledConnection(sock, protocol, self.host, self.port, self.reactor)
         protocol.makeConnection(transport)
         self.done.callback(protocol)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IPullProducer, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPullProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -49,29 +49,6 @@ log = Logger()
 #: Bytes a relay moves through Twisted before it is spliced: most short
 #: exchanges end before this and never pay for the pipes.
 SPLICE_AFTER = 128 * 1024
-
-
-@implementer(IPushProducer)
-class _WatchedProducer:
-    """A side's transport as its peer's producer, telling the relay when it
-    is paused: a paused socket is one the reactor no longer watches."""
-
-    __slots__ = ("_relay", "_side")  # two per relay
-
-    def __init__(self, relay: "Relay", side: RelaySide) -> None:
-        self._relay = relay
-        self._side = side
-
-    def pauseProducing(self) -> None:
-        self._side.transport.pauseProducing()
-        self._relay._paused(self._side, True)
-
-    def resumeProducing(self) -> None:
-        self._side.transport.resumeProducing()
-        self._relay._paused(self._side, False)
-
-    def stopProducing(self) -> None:
-        self._side.transport.stopProducing()
 
 
 @implementer(IPullProducer)
@@ -125,8 +102,8 @@ class Relay:
         is_reset: Callable[[Any], bool] = linger.is_reset,
         splice: bool = False,
     ) -> None:
-        self.client = RelaySide("client", client_transport)
-        self.remote = RelaySide("remote", remote_transport)
+        self.client = RelaySide("client", client_transport, self)
+        self.remote = RelaySide("remote", remote_transport, self)
         self.client.peer, self.remote.peer = self.remote, self.client
         self._reactor = reactor
         self._on_finished = on_finished
@@ -194,8 +171,8 @@ class Relay:
         self._arm_idle_timer()
 
     def _pair(self, client: Any, remote: Any) -> None:
-        client.registerProducer(_WatchedProducer(self, self.remote), True)
-        remote.registerProducer(_WatchedProducer(self, self.client), True)
+        client.registerProducer(self.remote, True)
+        remote.registerProducer(self.client, True)
         self.client.has_producer = self.remote.has_producer = True
 
     def resume(self, side: RelaySide) -> None:

@@ -53,6 +53,8 @@ __all__ = ["ClientGone", "ServerShared", "SOCKS4Server"]
 
 log = Logger()
 
+_ONE_REPLY = {code: (code,) for code in ReplyCode}
+
 
 class ClientGone(Exception):
     """The abort cause when the client closed before its request was settled."""
@@ -343,7 +345,8 @@ class SOCKS4Server(Protocol):
 
     def _send_reply(self, code: ReplyCode, port: int = 0, address: str = "0.0.0.0") -> None:
         write_now(self.transport, build_reply(code, port, address))
-        self._replies += (code,)
+        # Most connections send one reply: its tuple is shared, not kept per relay.
+        self._replies = self._replies + (code,) if self._replies else _ONE_REPLY[code]
 
     def _reply_and_close(self, refusal: SOCKS4Refusal) -> None:
         self._refusal = refusal

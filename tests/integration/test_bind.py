@@ -86,9 +86,12 @@ def assert_refused(host: str, port: int, within: float = 5.0) -> None:
             probe = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT)
         except ConnectionRefusedError:
             return
-        # The listener may still sit in the reactor's close; a queued
-        # connection is reset, never served.  Try again shortly.
-        probe.close()
+        except ConnectionResetError:
+            pass  # the listener closed while this connect sat in its queue
+        else:
+            # The listener may still sit in the reactor's close; a queued
+            # connection is reset, never served.  Try again shortly.
+            probe.close()
         if time.monotonic() > deadline:
             raise AssertionError(f"{host}:{port} still accepts connections")
         time.sleep(0.02)
