@@ -16,22 +16,23 @@ import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectBindError, ConnectError, ConnectionRefusedError
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from socksident.dial import DialledConnection, dial
+
+import test_writenow
 
 reactor: Any = global_reactor
 
 
-@implementer(IHalfCloseableProtocol)
-class Recorder(Protocol):
+class Recorder(test_writenow.Recorder):
+    """test_writenow's record of the half-close events, and what arrived, when made and lost."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.received = b""
-        self.events: list[str] = []
         self.made: Optional[Any] = None
         self.lost: Deferred[None] = Deferred()
 
@@ -41,14 +42,8 @@ class Recorder(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def readConnectionLost(self) -> None:
-        self.events.append("readConnectionLost")
-
-    def writeConnectionLost(self) -> None:
-        self.events.append("writeConnectionLost")
-
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.events.append("connectionLost")
+        super().connectionLost(reason)
         self.lost.callback(None)
 
 
