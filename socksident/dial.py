@@ -61,6 +61,9 @@ class DialledConnection(tcp.Connection):
 
     logstr = "dialled"
     _tlsClientDefault = True  # startTLS on it would be the client's side
+    # Made close-on-exec, the socket is this process's alone, so close()
+    # sends the FIN: no shutdown(2) before it (one system call a relay).
+    _shouldShutdown = False
 
     def __init__(
         self, sock: socket.socket, protocol: IProtocol, host: str, port: int, reactor: Any
