@@ -13,7 +13,8 @@ it for writability only, and on success wraps it in a `DialledConnection`:
 a `tcp.Connection`, Twisted's own transport, so writes, flow control,
 half-close, the linger checks and the splice hand-over treat it like any
 other.  A reactor that does not run on file descriptors (a memory reactor
-in tests, IOCP) dials through its own `connectTCP` instead.
+in tests, IOCP), or a platform without ``SOCK_NONBLOCK``, dials through
+the reactor's own `connectTCP` instead.
 
 There is no timer here: every caller already has a deadline, and
 cancelling the Deferred stops the attempt and closes the socket.
@@ -29,7 +30,7 @@ from typing import Any, Optional
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectBindError, getConnectError
+from twisted.internet.error import ConnectBindError, ConnectError, getConnectError
 from twisted.internet.interfaces import IConnector, IProtocol, IProtocolFactory, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
@@ -38,13 +39,12 @@ from zope.interface import implementer
 
 __all__ = ["DialledConnection", "dial"]
 
-_SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(
-    socket, "SOCK_CLOEXEC", 0
-)
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+#: Made non-blocking by socket() itself where the platform can (Python makes
+#: every socket close-on-exec already); elsewhere `dial` uses `connectTCP`.
+_NONBLOCK: Optional[int] = getattr(socket, "SOCK_NONBLOCK", None)
+#: connect()'s answers that mean "under way" on a non-blocking TCP socket
+#: (0: done already; writability follows at once either way).
+_UNDER_WAY = (0, errno.EINPROGRESS)
 
 
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
@@ -71,7 +71,7 @@ class DialledConnection(tcp.Connection):
         tcp.Connection.__init__(self, sock, protocol, reactor)
         self._peer_host = host
         self._peer_port = port
-        self.connected = 1
+        self.connected = True
         self.startReading()
 
     def getPeer(self) -> IPv4Address | IPv6Address:
@@ -101,61 +101,45 @@ class _Dialling:
         self.host = host
         self.port = port
         self.factory = factory
-        self.socket: Optional[socket.socket] = sock
+        self.socket = sock
+        self.fileno = sock.fileno
         self.done: Deferred[IProtocol] = Deferred(self._cancel)
-
-    # -- what the reactor calls --------------------------------------------
-
-    def fileno(self) -> int:
-        return self.socket.fileno() if self.socket is not None else -1
 
     def logPrefix(self) -> str:
         return "dialling"
 
     def doWrite(self) -> None:
-        """Writable: connected, or failed (SO_ERROR says which)."""
+        """Writable: connected, or failed."""
         self.reactor.removeWriter(self)
         self._settle()
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor saw an error or hang-up on the socket (a refusal)."""
-        self._settle(errno.ECONNREFUSED)
+        """The reactor saw an error or a hang-up (a refusal) and stopped watching."""
+        self._settle()
 
-    # -- the outcome -------------------------------------------------------------
-
-    def _settle(self, unexplained: int = 0) -> None:
-        sock = self.socket
-        if sock is None:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or unexplained
+    def _settle(self) -> None:
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(getConnectError((err, os.strerror(err))))
         else:
-            self.connected()
+            self._connected()
 
-    def connected(self) -> None:
-        sock, self.socket = self.socket, None
-        assert sock is not None
+    def _connected(self) -> None:
         protocol = self.factory.buildProtocol(_address(self.host, self.port))
         if protocol is None:
-            sock.close()
-            self.done.errback(getConnectError((0, "the factory built no protocol")))
+            self._fail(ConnectError(string="the factory built no protocol"))
             return
-        transport = DialledConnection(sock, protocol, self.host, self.port, self.reactor)
+        transport = DialledConnection(self.socket, protocol, self.host, self.port, self.reactor)
         protocol.makeConnection(transport)
         self.done.callback(protocol)
 
     def _fail(self, reason: Exception) -> None:
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
+        self.socket.close()
         self.done.errback(reason)
 
     def _cancel(self, done: Deferred[IProtocol]) -> None:
-        if self.socket is not None:
-            self.reactor.removeWriter(self)
-            self.socket.close()
-            self.socket = None  # the Deferred then fails with CancelledError
+        self.reactor.removeWriter(self)
+        self.socket.close()  # the Deferred then fails with CancelledError
 
 
 def dial(
@@ -172,29 +156,26 @@ def dial(
     (refused, unreachable, `ConnectBindError` for the source address).
     Cancelling stops the attempt (CancelledError).
     """
-    if not isinstance(reactor, PosixReactorBase):
+    if _NONBLOCK is None or not isinstance(reactor, PosixReactorBase):
         return _through_connector(reactor, host, port, factory, source)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.socket(_family(host), _SOCKET_FLAGS)
+        sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
     except OSError as error:  # out of descriptors, or no such family here
         return fail(getConnectError(error))
-    if not _SOCKET_FLAGS & getattr(socket, "SOCK_NONBLOCK", 0):
-        sock.setblocking(False)  # pragma: no cover (platforms without SOCK_NONBLOCK)
     attempt = _Dialling(reactor, host, port, factory, sock)
-    if source is not None:
-        try:
+    try:
+        if source is not None:
             sock.bind((source, 0))
-        except OSError as error:
-            attempt._fail(ConnectBindError(error.errno, error.strerror))
-            return attempt.done
+    except OSError as error:
+        attempt._fail(ConnectBindError(error.errno, error.strerror))
+        return attempt.done
     try:
         result = sock.connect_ex((host, port))
     except OSError as error:  # an address the socket cannot even take
         attempt._fail(getConnectError(error))
         return attempt.done
-    if result == 0:
-        attempt.connected()
-    elif result in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+    if result in _UNDER_WAY:
         reactor.addWriter(attempt)
     else:
         attempt._fail(getConnectError((result, os.strerror(result))))
@@ -208,12 +189,11 @@ class _OneConnection(ClientFactory):
 
     def __init__(self, factory: IProtocolFactory) -> None:
         self.factory = factory
-        self.connector: Any = None
+        self.connector: Any = None  # set as soon as connectTCP returns
         self.done: Deferred[IProtocol] = Deferred(self._cancel)
 
     def _cancel(self, done: Deferred[IProtocol]) -> None:
-        if self.connector is not None:
-            self.connector.stopConnecting()
+        self.connector.stopConnecting()
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = self.factory.buildProtocol(addr)
@@ -245,6 +225,6 @@ def _through_connector(
 ) -> Deferred[IProtocol]:
     attempt = _OneConnection(factory)
     attempt.connector = reactor.connectTCP(
-        host, port, attempt, timeout=None, bindAddress=(source, 0) if source else None
+        host, port, attempt, timeout=None, bindAddress=None if source is None else (source, 0)
     )
     return attempt.done

@@ -1111,3 +1111,15 @@ def test_a_held_destination_pauses_the_remote_side_not_the_client(spliced):
     p.drain_both()
     p.flood(p.remote_far, b"y" * 65536)
     assert p.relay.remote.paused and not p.relay.client.paused
+
+
+def test_slotted_protocols_start_as_twisteds_protocol_does():
+    """No transport, not connected, no factory, until a connection is made
+    (Twisted and its tests read these; the slots hide Protocol's defaults)."""
+    from socksident.server import SOCKS4ServerFactory
+
+    remote = RemoteProtocol()
+    assert (remote.transport, remote.connected, remote.factory) == (None, 0, None)
+    factory = SOCKS4ServerFactory(reactor=Clock())
+    server = factory.buildProtocol(None)
+    assert (server.transport, server.connected, server.factory) == (None, 0, factory)
