@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
@@ -164,20 +164,16 @@ class _Race:
         )
 
     def _won(self, protocol: IProtocol, address: str) -> None:
-        self.attempts.pop(address, None)
-        if self.done:  # connected as the race ended: not ours to keep
-            transport = getattr(protocol, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-            return
+        # (Ending the race cancels every attempt, so none wins after it.)
+        del self.attempts[address]
         self._stop()
         self.result.callback((address, protocol))
 
     def _lost(self, failure: Failure, address: str) -> None:
-        self.attempts.pop(address, None)
-        if self.done:
+        del self.attempts[address]
+        if self.done:  # cancelled as the race ended
             return
-        if not failure.check(ConnectError, DNSLookupError, TimeoutError):
+        if not failure.check(ConnectError):  # (a time-out is one too)
             self._stop()
             self.result.errback(failure)  # a bug: the server logs its traceback
             return

@@ -152,3 +152,15 @@ def test_connection_info_reads_both_ends_of_a_transport() -> None:
     assert (info.client, info.listener) == ("127.0.0.9:5555", "127.0.0.1:1080")
 
 
+
+
+def test_behind_a_balancer_the_header_names_the_client_and_the_listener() -> None:
+    from socksident.proxy import ProxyCommand, ProxyHeader
+
+    socket_view = ConnectionInfo("10.0.0.9", 51000, "10.0.0.1", 1081, "10.0.0.1", 1081)
+    header = ProxyHeader(
+        2, ProxyCommand.PROXY, "TCP4", ("198.51.100.7", 40000), ("203.0.113.1", 1080)
+    )
+    assert socket_view.behind(header) == ConnectionInfo(
+        "198.51.100.7", 40000, "203.0.113.1", 1080, "10.0.0.1", 1081, via=("10.0.0.9", 51000)
+    )

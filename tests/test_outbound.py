@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from socksident.outbound import ConnectFailed, connect, source_for
+from socksident.outbound import ConnectFailed, connect, connect_one, source_for
 
 FACTORY = Factory.forProtocol(Protocol)
 
@@ -124,3 +124,56 @@ def test_a_family_without_a_source_is_not_tried() -> None:
 def test_source_for_matches_the_family() -> None:
     assert source_for("::1", ("127.0.0.2", "::2")) == "::2"
     assert source_for("10.0.0.1", ("::2",)) is None
+
+
+def test_an_ipv4_address_without_an_ipv4_source_is_not_tried() -> None:
+    _, only_v4 = race(MemoryReactorClock(), ("192.0.2.1",), sources=("2001:db8:f::7",))
+    assert only_v4[0].value.reason == (
+        "connect failed: 192.0.2.1: no IPv4 --source-address to leave from")
+
+
+def test_no_address_at_all_fails_at_once() -> None:
+    reactor = MemoryReactorClock()
+    _, results = race(reactor, ())
+    [failure] = results
+    assert failure.check(ConnectFailed) and failure.value.reason == "connect failed: "
+    assert reactor.tcpClients == [] and not reactor.getDelayedCalls()
+
+
+def test_a_failure_while_another_attempt_is_under_way_leaves_the_race_running() -> None:
+    reactor = MemoryReactorClock()
+    _, results = race(reactor, ("192.0.2.1", "192.0.2.2"))
+    reactor.advance(0.3)
+    refuse(reactor, 0)
+    assert results == []  # 192.0.2.2 may still answer
+    answer(reactor, 1)
+    [(address, _)] = results
+    assert address == "192.0.2.2"
+
+
+def test_one_address_leaves_only_the_deadline_running() -> None:
+    reactor = MemoryReactorClock()
+    race(reactor, ("192.0.2.1",), timeout=5.0)
+    [deadline] = reactor.getDelayedCalls()
+    assert deadline.getTime() == 5.0
+
+
+def test_an_attempt_failing_with_a_bug_fails_the_race_with_it() -> None:
+    reactor = MemoryReactorClock()
+    _, results = race(reactor, ("192.0.2.1", "192.0.2.2"))
+    reactor.advance(0.3)
+    reactor.tcpClients[0][2].clientConnectionFailed(
+        reactor.connectors[0], Failure(ZeroDivisionError("a bug")))
+    [failure] = results
+    assert failure.check(ZeroDivisionError) and str(failure.value) == "a bug"
+    assert reactor.connectors[1].stoppedConnecting and not reactor.getDelayedCalls()
+
+
+def test_connect_one_names_the_address_it_could_not_reach() -> None:
+    reactor = MemoryReactorClock()
+    results: list[Any] = []
+    connect_one(reactor, "192.0.2.7", 80, FACTORY).addBoth(results.append)
+    assert reactor.tcpClients[0][3:] == (None, None)  # no timer, no source: the server's
+    refuse(reactor, 0)
+    [failure] = results
+    assert failure.value.reason == "connect failed: 192.0.2.7: Connection was refused by other side."
