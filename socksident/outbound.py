@@ -131,7 +131,7 @@ class _Race:
         self.factory = factory
         self.sources = sources
         self.delay = delay
-        self.waiting = _interleaved(addresses) if addresses else []
+        self.waiting = _interleaved(addresses)
         self.attempts: dict[str, Deferred[IProtocol]] = {}
         self.failures: list[str] = []
         self.done = False
