@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import (
@@ -68,6 +68,19 @@ class Recorders(Factory):
 
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+@inlineCallbacks
+def dial_failure(
+    kind: type[Exception], *args: Any, **kwargs: Any
+) -> Generator[Any, Any, Exception]:
+    """What `dial(reactor, *args, **kwargs)` fails with (of `kind`), once it
+    has failed and closed every descriptor it opened."""
+    before = open_descriptors()
+    with pytest.raises(kind) as failed:
+        yield dial(reactor, *args, **kwargs)
+    assert open_descriptors() == before
+    return failed.value
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -125,13 +138,10 @@ def test_a_refused_connect_fails_and_closes_its_socket(
 ) -> Generator[Any, Any, None]:
     host, port = listener.getsockname()
     listener.close()  # nobody listens there now
-    before = open_descriptors()
     factory = Recorders()
-    with pytest.raises(ConnectionRefusedError) as refused:
-        yield dial(reactor, host, port, factory)
-    assert str(refused.value) == "Connection was refused by other side: 111: Connection refused."
+    refused = yield dial_failure(ConnectionRefusedError, host, port, factory)
+    assert str(refused) == "Connection was refused by other side: 111: Connection refused."
     assert factory.built == []
-    assert open_descriptors() == before
 
 
 @pytest_twisted.inlineCallbacks
@@ -153,31 +163,22 @@ def test_a_source_address_not_on_this_host_is_a_bind_error(
     listener: socket.socket,
 ) -> Generator[Any, Any, None]:
     host, port = listener.getsockname()
-    before = open_descriptors()
-    with pytest.raises(ConnectBindError) as failed:
-        yield dial(reactor, host, port, Recorders(), source="192.0.2.1")
-    assert str(failed.value) == "Couldn't bind: 99: Cannot assign requested address."
-    assert open_descriptors() == before
+    failed = yield dial_failure(ConnectBindError, host, port, Recorders(), source="192.0.2.1")
+    assert str(failed) == "Couldn't bind: 99: Cannot assign requested address."
 
 
 @pytest_twisted.inlineCallbacks
 def test_an_address_the_kernel_will_not_connect_to_fails_at_once() -> Generator[Any, Any, None]:
     # TCP to the broadcast address is refused by the kernel itself, before
     # any packet: connect() answers ENETUNREACH.
-    before = open_descriptors()
-    with pytest.raises(NoRouteError) as failed:
-        yield dial(reactor, "255.255.255.255", 80, Recorders())
-    assert str(failed.value) == "No route to host: 101: Network is unreachable."
-    assert open_descriptors() == before
+    failed = yield dial_failure(NoRouteError, "255.255.255.255", 80, Recorders())
+    assert str(failed) == "No route to host: 101: Network is unreachable."
 
 
 @pytest_twisted.inlineCallbacks
 def test_an_address_the_socket_cannot_take_fails_at_once() -> Generator[Any, Any, None]:
-    before = open_descriptors()
-    with pytest.raises(UnknownHostError) as failed:
-        yield dial(reactor, "fe80::1%nosuchinterface", 80, Recorders())
-    assert "Name or service not known" in str(failed.value)
-    assert open_descriptors() == before
+    failed = yield dial_failure(UnknownHostError, "fe80::1%nosuchinterface", 80, Recorders())
+    assert "Name or service not known" in str(failed)
 
 
 @pytest_twisted.inlineCallbacks
@@ -228,16 +229,13 @@ def test_a_factory_that_builds_nothing_fails_the_attempt(
     listener: socket.socket,
 ) -> Generator[Any, Any, None]:
     host, port = listener.getsockname()
-    before = open_descriptors()
 
     class Nothing(Factory):
         def buildProtocol(self, addr: Any) -> None:
             return None
 
-    with pytest.raises(ConnectError) as failed:
-        yield dial(reactor, host, port, Nothing())
-    assert str(failed.value) == "An error occurred while connecting: the factory built no protocol."
-    assert open_descriptors() == before
+    failed = yield dial_failure(ConnectError, host, port, Nothing())
+    assert str(failed) == "An error occurred while connecting: the factory built no protocol."
 
 
 @pytest_twisted.inlineCallbacks

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectBindError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
