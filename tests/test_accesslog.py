@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEventAsClassicLogText
 
-from socksident.accesslog import AccessRecord, emit, ident_summary
+from socksident.accesslog import ACCESS_NAMESPACE, FIELDS, AccessRecord, emit, ident_summary
 from socksident.connection import ConnectionInfo
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.policy import Decision
@@ -135,11 +137,29 @@ def test_ident_summary_for_each_outcome() -> None:
 
 def test_emit_publishes_summary_fields_and_the_record(access_events: list[Any]) -> None:
     value = record()
+    before = time.time()
     emit(value)
     [event] = access_events
     assert event["log_format"].format(**event) == value.summary()
     assert event["access_record"] is value
     assert all(event[key] == item for key, item in value.fields().items())
+    # The keys Logger.emit would have given it, for every observer that reads them.
+    assert event["log_level"] is LogLevel.info
+    assert event["log_namespace"] == ACCESS_NAMESPACE
+    assert event["log_logger"].namespace == ACCESS_NAMESPACE
+    assert "log_source" in event and event["log_source"] is None
+    assert before <= event["log_time"] <= time.time()
+    assert set(event) == {*FIELDS, "summary", "access_record", "log_logger", "log_level",
+                          "log_namespace", "log_source", "log_format", "log_time"}
+
+
+def test_an_emitted_event_reads_as_text_like_any_logged_one(access_events: list[Any]) -> None:
+    value = record()
+    emit(value)
+    [event] = access_events
+    assert formatEventAsClassicLogText(event, formatTime=lambda when: "T") == (
+        f"T [socksident.access#info] {value.summary()}\n"
+    )
 
 
 def test_connection_info_reads_both_ends_of_a_transport() -> None:
