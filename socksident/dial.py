@@ -27,7 +27,7 @@ import os
 import socket
 from typing import Any, Optional
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectBindError, ConnectError, getConnectError
@@ -68,7 +68,12 @@ class DialledConnection(tcp.Connection):
     def __init__(
         self, sock: socket.socket, protocol: IProtocol, host: str, port: int, reactor: Any
     ) -> None:
-        tcp.Connection.__init__(self, sock, protocol, reactor)
+        # tcp.Connection.__init__ but for its setblocking(False): socket()
+        # made this one non-blocking, and the call would be one more ioctl a relay.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = sock
+        self.fileno = sock.fileno
+        self.protocol = protocol
         self._peer_host = host
         self._peer_port = port
         self.connected = True

@@ -69,5 +69,10 @@ def close_now(transport: Any) -> None:
     if _idle_plain_tcp(transport):
         transport._writeDisconnected = True
         transport._closeWriteConnection()
+        # Twisted shuts a socket both ways before closing it, so that the FIN
+        # goes even if a child process shares the descriptor.  The FIN has
+        # just gone, and shutting the read half changes nothing on the wire:
+        # the call would only fail (ENOTCONN once the peer's FIN is in).
+        transport._shouldShutdown = False
     # With its write half shut, Twisted's loseConnection closes at once.
     transport.loseConnection()

@@ -6,6 +6,7 @@ what it watches, when, and that every socket it made is closed again.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from collections.abc import Generator
@@ -14,6 +15,7 @@ from typing import Any, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.epollreactor import EPollReactor
@@ -130,6 +132,26 @@ def test_a_dialled_connection_is_twisteds_transport_reading_both_ways(
     assert protocol.events == ["readConnectionLost", "connectionLost"]
     assert peer.recv(10) == b""
     peer.close()
+
+
+def test_a_dialled_connection_sets_up_what_twisteds_connection_does() -> None:
+    """Its __init__ is tcp.Connection's but for setblocking (socket() made
+    the socket non-blocking): a Twisted that sets up more fails here."""
+    memory = MemoryReactorClock()
+    made = [socket.socket(type=socket.SOCK_STREAM | socket.SOCK_NONBLOCK) for _ in range(2)]
+    try:
+        twisteds = tcp.Connection(made[0], Recorder(), memory)
+        protocol = Recorder()
+        ours = DialledConnection(made[1], protocol, "127.0.0.1", 9, memory)
+        assert set(vars(twisteds)) <= set(vars(ours))
+        assert (ours.socket, ours.fileno, ours.reactor) == (made[1], made[1].fileno, memory)
+        assert ours.protocol is protocol
+        assert ours.socket.getblocking() is False
+        assert fcntl.fcntl(ours.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        assert ours in memory.getReaders()
+    finally:
+        for sock in made:
+            sock.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -214,6 +214,42 @@ def test_close_now_closes_at_once_when_nothing_is_queued(pair: Pair) -> None:
     assert pair.received(4) == b"bye"  # then EOF
 
 
+class ShutdownRecordingSocket(socket.socket):
+    """A socket that notes every shutdown(how) asked of it."""
+
+    calls: list[int]
+
+    def shutdown(self, how: int) -> None:
+        self.calls.append(how)
+        super().shutdown(how)
+
+
+def recording_shutdowns(pair: Pair) -> list[int]:
+    sock = ShutdownRecordingSocket(fileno=pair.transport.socket.detach())
+    sock.calls = []
+    pair.transport.socket, pair.transport.fileno = sock, sock.fileno
+    return sock.calls
+
+
+def test_close_now_sends_the_fin_and_closes_with_no_second_shutdown(pair: Pair) -> None:
+    calls = recording_shutdowns(pair)
+    sock = pair.transport.socket
+    close_now(pair.transport)
+    assert calls == [socket.SHUT_WR]  # Twisted's shutdown(SHUT_RDWR) would follow without it
+    assert pair.received(1) == b""
+    assert sock.fileno() == -1  # closed
+
+
+def test_close_now_behind_queued_bytes_closes_as_twisted_does(pair: Pair) -> None:
+    calls = recording_shutdowns(pair)
+    pair.transport.write(b"queued")
+    close_now(pair.transport)
+    done = pair.flush()
+    pair.transport.connectionLost(Failure(done))
+    assert calls == [socket.SHUT_RDWR]
+    assert pair.received(7) == b"queued"
+
+
 def test_close_now_flushes_queued_bytes_first(pair: Pair) -> None:
     pair.transport.write(b"queued")
     close_now(pair.transport)
