@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.python import usage
@@ -69,13 +69,36 @@ class AdoptedListener(service.Service):
 
 @implementer(ILogObserver)
 class _EventsToParent:
-    """Writes each event as one JSON line to the parent (the one log writer)."""
+    """Sends each event as one JSON line to the parent (the one log writer).
 
-    def __init__(self, stream: Any) -> None:
+    While the reactor runs, the lines of one reactor turn go up together in
+    one write, on the next turn: a write per event cost the worker a system
+    call and the parent a wake-up, a read and a reactor turn for every
+    access event.  Before the reactor runs and after it stopped, each event
+    goes at once (`flush` after `reactor.run()` sends the last turn's).
+    """
+
+    def __init__(self, stream: Any, reactor: Any) -> None:
         self.stream = stream
+        self._reactor = reactor
+        self._lines: list[str] = []
+        self._flushing: Optional[IDelayedCall] = None
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.stream.write(event_to_line(event))
+        self._lines.append(event_to_line(event))
+        if not self._reactor.running:
+            self.flush()
+        elif self._flushing is None:
+            self._flushing = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write the lines not yet sent, in one write."""
+        if self._flushing is not None and self._flushing.active():
+            self._flushing.cancel()
+        self._flushing = None
+        lines, self._lines = self._lines, []
+        self.stream.write("".join(lines))
+        self.stream.flush()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -113,8 +136,9 @@ def worker_main(argv: Sequence[str]) -> int:
     importlib.import_module(arguments.reactor).install()
     from twisted.internet import reactor
 
-    stream = os.fdopen(EVENTS_FD, "w", buffering=1, encoding="utf-8")
-    globalLogBeginner.beginLoggingTo([_EventsToParent(stream)], redirectStandardIO=False)
+    stream = os.fdopen(EVENTS_FD, "w", encoding="utf-8")
+    events = _EventsToParent(stream, reactor)
+    globalLogBeginner.beginLoggingTo([events], redirectStandardIO=False)
     from socksident import tap
 
     options = tap.Options(worker=True)
@@ -142,6 +166,7 @@ def worker_main(argv: Sequence[str]) -> int:
     # the whole process group it must not kill a worker (the default action).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     reactor.run()
+    events.flush()
     return 0
 
 

@@ -292,15 +292,66 @@ def test_a_workers_access_event_is_published_here_with_its_fields(pool, events):
     assert event["worker"] == 0 and event["log_system"] == "socksident.access#info worker 0"
 
 
+class RunningClock(task.Clock):
+    """A clock that is a running reactor or not, as `_EventsToParent` asks."""
+
+    running = False
+
+
+class Writes(io.StringIO):
+    """A stream that keeps what each flush sent, as the pipe would have got it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def flush(self) -> None:
+        super().flush()
+        text = self.getvalue()[sum(map(len, self.sent)):]
+        if text:
+            self.sent.append(text)
+
+
+def event(summary: str) -> dict[str, Any]:
+    return {"log_format": "{summary}", "summary": summary, "log_level": LogLevel.info}
+
+
 def test_a_worker_sends_each_event_as_one_json_line_without_the_record_value():
-    stream = io.StringIO()
-    observer = worker._EventsToParent(stream)
-    observer({"log_format": "{summary}", "summary": "a\nb", "access_record": object(),
-              "log_level": LogLevel.info})
-    text = stream.getvalue()
+    stream = Writes()
+    observer = worker._EventsToParent(stream, RunningClock())
+    observer({**event("a\nb"), "access_record": object()})
+    [text] = stream.sent  # at once: no reactor runs
     assert text.count("\n") == 1 and text.endswith("\n")
-    event = json.loads(text)
-    assert event["summary"] == "a\nb" and "access_record" not in event
+    sent = json.loads(text)
+    assert sent["summary"] == "a\nb" and "access_record" not in sent
+
+
+def test_a_running_worker_sends_a_turns_events_in_one_write_on_the_next_turn():
+    stream, clock = Writes(), RunningClock()
+    clock.running = True
+    observer = worker._EventsToParent(stream, clock)
+    observer(event("one"))
+    observer(event("two"))
+    assert stream.sent == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    [text] = stream.sent
+    assert [json.loads(line)["summary"] for line in text.splitlines()] == ["one", "two"]
+    observer(event("three"))
+    clock.advance(0)
+    assert [json.loads(text)["summary"] for text in stream.sent[1:]] == ["three"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_flushing_a_worker_sends_what_waits_and_cancels_the_next_turns_write():
+    stream, clock = Writes(), RunningClock()
+    clock.running = True
+    observer = worker._EventsToParent(stream, clock)
+    observer(event("last"))
+    observer.flush()  # what worker_main does once its reactor has stopped
+    assert [json.loads(text)["summary"] for text in stream.sent] == ["last"]
+    assert clock.getDelayedCalls() == []
+    observer(event("after"))
+    assert len(clock.getDelayedCalls()) == 1  # a new turn's write
 
 
 def test_an_adopted_listener_serves_the_inherited_socket_in_its_family():
