@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEventAsClassicLogText
 
-from socksident.accesslog import ACCESS_NAMESPACE, FIELDS, AccessRecord, emit, ident_summary
+from socksident.accesslog import (
+    ACCESS_NAMESPACE,
+    FIELDS,
+    AccessRecord,
+    access_fields,
+    emit,
+    ident_summary,
+)
 from socksident.connection import ConnectionInfo
 from socksident.ident import IdentAnswer, IdentOutcome
 from socksident.policy import Decision
@@ -126,6 +134,81 @@ def test_fields_are_the_one_schema_and_json_ready() -> None:
         "relay": None,
     }
     assert json.loads(json.dumps(fields)) == fields
+
+
+@dataclass
+class Chain:
+    """What `AccessRecord.of` reads from a finished chain."""
+
+    decision: Optional[Decision] = None
+    ident_answer: Optional[IdentAnswer] = None
+    destination_address: Optional[str] = None
+    next_hop_name: Optional[str] = None
+    hop_reply: Optional[str] = None
+
+
+@dataclass
+class Counts:
+    """What `AccessRecord.of` reads from a finished relay."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    cut_off: Optional[str] = None
+    dropped: int = 0
+    mode: str = "splice"
+
+
+def test_a_record_of_a_chain_and_a_relay_takes_every_count_from_them() -> None:
+    answer = IdentAnswer(IdentOutcome.USER, user_id="alice")
+    decision = Decision(ReplyCode.GRANTED, "permitted by r.conf:3", "r.conf:3")
+    chain = Chain(decision, answer, "192.0.2.7", "hop.example:1080", "90")
+    relay = Counts(bytes_up=7, bytes_down=9, cut_off="client", dropped=3, mode="twisted")
+    made = AccessRecord.of(
+        INFO, record().request, chain, relay, replies=(ReplyCode.GRANTED,), reason=None,
+        refusal=None, started=5.0, duration=2.0, time_to_grant=0.5,
+    )
+    assert made == record(
+        ident=answer, bytes_up=7, bytes_down=9, started=5.0, duration=2.0, cut_off="client",
+        dropped=3, next_hop="hop.example:1080", next_hop_reply="90", time_to_grant=0.5,
+        relay="twisted",
+    )
+
+
+def test_a_record_without_a_chain_or_a_relay_has_nothing_counted() -> None:
+    made = AccessRecord.of(
+        INFO, None, None, None, replies=(), reason=None, refusal=None, started=5.0,
+        duration=2.0, time_to_grant=None,
+    )
+    assert (made.decision, made.ident, made.address, made.next_hop, made.next_hop_reply) == (
+        None, None, None, None, None)
+    assert (made.reason, made.bytes_up, made.bytes_down, made.cut_off, made.dropped,
+            made.relay) == ("", 0, 0, None, 0, None)
+    undecided = AccessRecord.of(
+        INFO, None, Chain(), None, replies=(), reason=None, refusal=None, started=5.0,
+        duration=2.0, time_to_grant=None,
+    )
+    assert undecided.reason == ""
+
+
+def test_summary_shows_the_ident_answer_and_the_next_hop() -> None:
+    line = record(
+        ident=IdentAnswer(IdentOutcome.USER, user_id="alice"),
+        next_hop="hop.example:1080",
+        next_hop_reply="90",
+    ).summary()
+    assert " user='alice' ident=user:'alice' CONNECT 192.0.2.7:80 via hop.example:1080 [90] -> 90 " in line
+
+
+def test_fields_name_an_ident_error() -> None:
+    fields = record(ident=IdentAnswer(IdentOutcome.ERROR, error="NO-USER")).fields()
+    assert (fields["ident"], fields["ident_outcome"], fields["ident_error"]) == (
+        "error:NO-USER", "error", "NO-USER")
+
+
+def test_the_fields_of_an_event_that_carries_only_the_record() -> None:
+    value = record()
+    assert access_fields({"access_record": value}) == value.fields()
+    assert access_fields({"access_record": "not a record"}) is None
 
 
 def test_ident_summary_for_each_outcome() -> None:
