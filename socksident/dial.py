@@ -42,6 +42,13 @@ __all__ = ["DialledConnection", "dial"]
 #: Made non-blocking by socket() itself where the platform can (Python makes
 #: every socket close-on-exec already); elsewhere `dial` uses `connectTCP`.
 _NONBLOCK: Optional[int] = getattr(socket, "SOCK_NONBLOCK", None)
+#: Linux's "bind the address, leave the port to connect()": connect() then
+#: picks a port by the whole address pair, so connections to different
+#: destinations share source ports.  A port picked by bind() is taken for
+#: every destination, and one in TIME_WAIT counts as taken: a proxy that
+#: queries identds from its own address would run through the port range,
+#: scanning longer for a free port with every query.
+_BIND_ADDRESS_NO_PORT: Optional[int] = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 #: connect()'s answers that mean "under way" on a non-blocking TCP socket
 #: (0: done already; writability follows at once either way).
 _UNDER_WAY = (0, errno.EINPROGRESS)
@@ -171,6 +178,8 @@ def dial(
     attempt = _Dialling(reactor, host, port, factory, sock)
     try:
         if source is not None:
+            if _BIND_ADDRESS_NO_PORT is not None:
+                sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
     except OSError as error:
         attempt._fail(ConnectBindError(error.errno, error.strerror))
@@ -229,7 +238,10 @@ def _through_connector(
     reactor: Any, host: str, port: int, factory: IProtocolFactory, source: Optional[str]
 ) -> Deferred[IProtocol]:
     attempt = _OneConnection(factory)
-    attempt.connector = reactor.connectTCP(
-        host, port, attempt, timeout=None, bindAddress=None if source is None else (source, 0)
-    )
+    try:
+        attempt.connector = reactor.connectTCP(
+            host, port, attempt, timeout=None, bindAddress=None if source is None else (source, 0)
+        )
+    except OSError as error:  # a reactor that cannot even start (out of sockets)
+        return fail(getConnectError(error))
     return attempt.done

@@ -20,13 +20,14 @@ from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from socksident._types import DelayedCall, ReactorTCPTime, global_reactor
 from socksident.address import ip_of
+from socksident.dial import dial
 from socksident.ident import (
     IdentAnswer,
     IdentOutcome,
@@ -43,10 +44,6 @@ IDENT_PORT = 113
 DEFAULT_TIMEOUT = 15.0
 
 log = Logger()
-
-
-class _Connector(_Interface):
-    def stopConnecting(self) -> None: ...
 
 
 class _Transport(_Interface):
@@ -73,7 +70,7 @@ def _connect_host(client_host: str) -> str:
     return str(address)
 
 
-def _bind_address(server_host: str, connect_host: str) -> Optional[tuple[str, int]]:
+def _bind_address(server_host: str, connect_host: str) -> Optional[str]:
     """Query from the address the client connected to, as RFC 1413 expects.
 
     No bind for an unspecified address (we do not know which one the client
@@ -86,8 +83,8 @@ def _bind_address(server_host: str, connect_host: str) -> Optional[tuple[str, in
     if client is not None and client.version != server.version:
         return None
     if "%" in server_host:  # a link-local address binds only with its scope
-        return (server_host, 0)
-    return (str(server), 0)
+        return server_host
+    return str(server)
 
 
 class _IdentProtocol(Protocol):
@@ -106,20 +103,14 @@ class _IdentProtocol(Protocol):
         self._query.connection_lost(reason)
 
 
-class _IdentFactory(ClientFactory):
+class _IdentFactory(Factory):
     noisy = False  # no "Starting factory" line for every query
 
     def __init__(self, query: _IdentQuery) -> None:
         self._query = query
 
-    def startedConnecting(self, connector: Any) -> None:
-        self._query.started_connecting(connector)
-
     def buildProtocol(self, addr: Optional[IAddress]) -> _IdentProtocol:
         return _IdentProtocol(self._query)
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self._query.connection_failed(reason)
 
 
 class _IdentQuery:
@@ -144,7 +135,7 @@ class _IdentQuery:
         self._ports = (client_port, server_port)
         self._timeout = timeout
         self._deferred: Deferred[IdentAnswer] = Deferred(self._cancel)
-        self._connector: Optional[_Connector] = None
+        self._attempt: Optional[Deferred[IProtocol]] = None
         self._transport: Optional[_Transport] = None
         self._timer: Optional[DelayedCall] = None
         self._connecting = False
@@ -157,31 +148,21 @@ class _IdentQuery:
         # No event here: twistd writes debug events too, and the answer's
         # event (and the access record) already say who was asked.
         self._connecting = True
-        try:
-            # No limit of the connector's own: our one timer reports (and
-            # counts) every time-out, and a request costs one timer less.
-            connector = self._reactor.connectTCP(
-                self._host,
-                self._ident_port,
-                _IdentFactory(self),
-                timeout=None,
-                bindAddress=self._bind,
-            )
-        except Exception as e:
-            self._connecting = False
-            self._no_answer(f"connection failed: {e}", abort=True)
-        else:
-            if self._connector is None:
-                self._connector = cast(_Connector, connector)
+        # `dial`, not connectTCP: no connector per query, and a source
+        # address that does not pick its port until connect() (see `dial`).
+        # No time limit of the attempt's own: our one timer reports (and
+        # counts) every time-out, and a request costs one timer less.
+        self._attempt = dial(
+            self._reactor, self._host, self._ident_port, _IdentFactory(self), self._bind
+        )
+        self._attempt.addErrback(self.connection_failed)
         return self._deferred
 
-    # Events from the factory and the protocol.
-
-    def started_connecting(self, connector: Any) -> None:
-        self._connector = cast(_Connector, connector)
+    # Events from the attempt and the protocol.
 
     def connected(self, transport: _Transport) -> None:
         self._connecting = False
+        self._attempt = None
         if self._done:
             transport.abortConnection()
             return
@@ -216,8 +197,9 @@ class _IdentQuery:
 
     def connection_failed(self, reason: Failure) -> None:
         self._connecting = False
+        self._attempt = None
         if self._done:
-            return  # our own stopConnecting, after a time-out or cancel
+            return  # our own cancel of the attempt, after a time-out or cancel
         if isinstance(reason.value, ConnectionRefusedError):
             why = "connection refused"
         else:
@@ -243,9 +225,10 @@ class _IdentQuery:
                 transport.abortConnection()
             else:
                 close_now(transport)
-        elif self._connecting and self._connector is not None:
+        elif self._connecting and self._attempt is not None:
             self._connecting = False
-            self._connector.stopConnecting()
+            attempt, self._attempt = self._attempt, None
+            attempt.cancel()
 
     def _finish(self, answer: IdentAnswer, *, abort: bool) -> None:
         if self._done:

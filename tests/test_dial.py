@@ -118,6 +118,7 @@ def test_a_dialled_connection_is_twisteds_transport_reading_both_ways(
     assert transport.getPeer() == IPv4Address("TCP", host, port)
     assert transport.getHost() == IPv4Address("TCP", *peer.getpeername())
     assert transport in reactor.getReaders() and transport not in reactor.getWriters()
+    assert not transport.socket.getsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT)
     assert repr(transport) == f"<DialledConnection to {host}:{port}>"
     transport.write(b"up")  # queued: it goes out on the reactor's next turn
     yield sleep(0.05)
@@ -175,6 +176,8 @@ def test_a_connection_leaves_from_its_source_address(
     peer, (peer_host, peer_port) = listener.accept()
     assert peer_host == "127.0.0.9" and peer_port > 1023  # an ephemeral port
     assert protocol.made.getHost().host == "127.0.0.9"
+    # The port was left to connect() (tests/integration/test_dial_ports.py shows why).
+    assert protocol.made.socket.getsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT)
     protocol.made.loseConnection()
     yield protocol.lost
     peer.close()

@@ -382,7 +382,9 @@ class _FailingReactor(MemoryReactorClock):
 def test_connect_that_raises_at_once() -> None:
     identd = Identd(reactor=_FailingReactor())
     assert identd.answer.outcome is IdentOutcome.NO_ANSWER
-    assert identd.answer.error == "connection failed: no sockets left"
+    assert identd.answer.error == (
+        "connection failed: An error occurred while connecting: no sockets left."
+    )
     identd.assert_clean()
 
 
