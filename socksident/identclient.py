@@ -114,7 +114,11 @@ class _IdentFactory(Factory):
 
 
 class _IdentQuery:
-    """One query from connect to answer; finishes exactly once."""
+    """One query from connect to answer, started when made; finishes exactly once.
+
+    ``_attempt`` is the connect under way (None once it has connected or
+    failed), ``_transport`` the connection once made (None once lost).
+    """
 
     def __init__(
         self,
@@ -131,37 +135,27 @@ class _IdentQuery:
         self._reader = ResponseReader(client_port, server_port)
         self._host = _connect_host(client_host)
         self._bind = _bind_address(server_host, self._host)
-        self._ident_port = ident_port
         self._ports = (client_port, server_port)
         self._timeout = timeout
-        self._deferred: Deferred[IdentAnswer] = Deferred(self._cancel)
-        self._attempt: Optional[Deferred[IProtocol]] = None
+        self.deferred: Deferred[IdentAnswer] = Deferred(self._cancel)
         self._transport: Optional[_Transport] = None
-        self._timer: Optional[DelayedCall] = None
-        self._connecting = False
         self._done = False
-        self._started = 0.0
-
-    def start(self) -> Deferred[IdentAnswer]:
-        self._started = self._reactor.seconds()
-        self._timer = cast(DelayedCall, self._reactor.callLater(self._timeout, self._timed_out))
+        self._started = reactor.seconds()
+        self._timer = cast(DelayedCall, reactor.callLater(timeout, self._timed_out))
         # No event here: twistd writes debug events too, and the answer's
         # event (and the access record) already say who was asked.
-        self._connecting = True
         # `dial`, not connectTCP: no connector per query, and a source
         # address that does not pick its port until connect() (see `dial`).
         # No time limit of the attempt's own: our one timer reports (and
         # counts) every time-out, and a request costs one timer less.
-        self._attempt = dial(
-            self._reactor, self._host, self._ident_port, _IdentFactory(self), self._bind
+        self._attempt: Optional[Deferred[IProtocol]] = dial(
+            reactor, self._host, ident_port, _IdentFactory(self), self._bind
         )
         self._attempt.addErrback(self.connection_failed)
-        return self._deferred
 
     # Events from the attempt and the protocol.
 
     def connected(self, transport: _Transport) -> None:
-        self._connecting = False
         self._attempt = None
         if self._done:
             transport.abortConnection()
@@ -196,7 +190,6 @@ class _IdentQuery:
                 )
 
     def connection_failed(self, reason: Failure) -> None:
-        self._connecting = False
         self._attempt = None
         if self._done:
             return  # our own cancel of the attempt, after a time-out or cancel
@@ -217,7 +210,7 @@ class _IdentQuery:
     def _stop(self, *, abort: bool) -> None:
         """Cancel the timer and let go of the connection or the attempt."""
         self._done = True
-        if self._timer is not None and self._timer.active():
+        if self._timer.active():
             self._timer.cancel()
         transport, self._transport = self._transport, None
         if transport is not None:
@@ -225,8 +218,7 @@ class _IdentQuery:
                 transport.abortConnection()
             else:
                 close_now(transport)
-        elif self._connecting and self._attempt is not None:
-            self._connecting = False
+        elif self._attempt is not None:
             attempt, self._attempt = self._attempt, None
             attempt.cancel()
 
@@ -248,7 +240,7 @@ class _IdentQuery:
             error=answer.error,
             duration=answer.duration,
         )
-        self._deferred.callback(answer)
+        self.deferred.callback(answer)
 
     def _cancel(self, deferred: Deferred[IdentAnswer]) -> None:
         """The caller gave up: stop everything; the Deferred fails with CancelledError."""
@@ -289,7 +281,7 @@ def query_ident(
         )
     except ValueError as e:  # no port pair to ask about (a non-TCP client)
         return succeed(IdentAnswer(IdentOutcome.NO_ANSWER, error=f"cannot ask: {e}"))
-    return query.start()
+    return query.deferred
 
 
 class IdentQuery(_Interface):

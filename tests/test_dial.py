@@ -299,6 +299,21 @@ def test_a_reactor_without_descriptors_dials_through_connect_tcp() -> None:
     assert "makeConnection" not in vars(protocol)  # no closure left on it
 
 
+class _NoSocketsReactor(MemoryReactorClock):
+    def connectTCP(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+
+def test_a_reactor_that_cannot_start_the_connect_fails_the_attempt() -> None:
+    results: list[Any] = []
+    dial(_NoSocketsReactor(), "127.0.0.1", 9, Recorders()).addBoth(results.append)
+    [failure] = results
+    assert failure.check(ConnectError)
+    assert failure.getErrorMessage() == (
+        "An error occurred while connecting: 24: Too many open files."
+    )
+
+
 def test_through_connect_tcp_a_failure_and_a_cancel() -> None:
     memory = MemoryReactorClock()
     failed = dial(memory, "192.0.2.7", 80, Recorders())

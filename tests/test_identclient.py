@@ -22,7 +22,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from socksident.ident import IdentAnswer, IdentOutcome
@@ -458,6 +458,38 @@ def test_no_answer_is_logged_with_its_fields(events: list[LogEvent]) -> None:
     assert event["host"] == CLIENT_HOST
     assert (event["client_port"], event["server_port"]) == (CLIENT_PORT, SERVER_PORT)
     assert event["log_level"].name == "info"
+
+
+def test_an_answer_is_a_debug_event_with_its_fields_and_its_time(
+    events: list[LogEvent],
+) -> None:
+    reactor = MemoryReactorClock()
+    reactor.advance(100)  # the query's time is its own, not the clock's
+    identd = Identd(reactor)
+    identd.accept()
+    identd.advance(2.5)
+    identd.send(b"40000 , 1080 : USERID : UNIX : alice\r\n")
+    assert identd.answer.duration == 2.5
+    [event] = events
+    assert event["log_level"] is LogLevel.debug
+    assert formatEvent(event) == (
+        "ident 40000 , 1080 at 192.0.2.10: user user='alice' error=None after 2.5 s"
+    )
+    assert (event["client_port"], event["server_port"], event["host"]) == (
+        CLIENT_PORT, SERVER_PORT, CLIENT_HOST)
+    assert (event["outcome"], event["user_id"], event["error"], event["duration"]) == (
+        "user", "alice", None, 2.5)
+
+
+def test_a_cancelled_query_is_a_debug_event(events: list[LogEvent]) -> None:
+    identd = Identd()
+    identd.deferred.addErrback(lambda failure: failure.trap(CancelledError))
+    identd.deferred.cancel()
+    [event] = events
+    assert event["log_level"] is LogLevel.debug
+    assert formatEvent(event) == "ident query 40000 , 1080 to 192.0.2.10 cancelled"
+    assert (event["client_port"], event["server_port"], event["host"]) == (
+        CLIENT_PORT, SERVER_PORT, CLIENT_HOST)
 
 
 def test_a_client_without_ports_gets_no_answer_instead_of_an_exception() -> None:
