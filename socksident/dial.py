@@ -45,9 +45,9 @@ _NONBLOCK: Optional[int] = getattr(socket, "SOCK_NONBLOCK", None)
 #: Linux's "bind the address, leave the port to connect()": connect() then
 #: picks a port by the whole address pair, so connections to different
 #: destinations share source ports.  A port picked by bind() is taken for
-#: every destination, and one in TIME_WAIT counts as taken: a proxy that
-#: queries identds from its own address would run through the port range,
-#: scanning longer for a free port with every query.
+#: every destination: a proxy connecting out (or asking identds) from one
+#: address could otherwise hold no more connections from it than the
+#: ephemeral range has ports.
 _BIND_ADDRESS_NO_PORT: Optional[int] = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 #: connect()'s answers that mean "under way" on a non-blocking TCP socket
 #: (0: done already; writability follows at once either way).
