@@ -449,36 +449,41 @@ def events() -> Iterator[list[LogEvent]]:
         globalLogPublisher.removeObserver(observer)
 
 
-def test_no_answer_is_logged_with_its_fields(events: list[LogEvent]) -> None:
-    identd = Identd()
-    identd.refuse(ConnectionRefusedError())
-    assert identd.fired
-    [event] = [e for e in events if e.get("outcome") == "no-answer"]
-    assert event["error"] == "connection refused"
-    assert event["host"] == CLIENT_HOST
-    assert (event["client_port"], event["server_port"]) == (CLIENT_PORT, SERVER_PORT)
-    assert event["log_level"].name == "info"
-
-
-def test_an_answer_is_a_debug_event_with_its_fields_and_its_time(
-    events: list[LogEvent],
-) -> None:
+def test_no_answer_is_logged_with_its_fields_and_its_time(events: list[LogEvent]) -> None:
     reactor = MemoryReactorClock()
     reactor.advance(100)  # the query's time is its own, not the clock's
     identd = Identd(reactor)
-    identd.accept()
     identd.advance(2.5)
-    identd.send(b"40000 , 1080 : USERID : UNIX : alice\r\n")
+    identd.refuse(ConnectionRefusedError())
     assert identd.answer.duration == 2.5
     [event] = events
-    assert event["log_level"] is LogLevel.debug
+    assert event["log_level"] is LogLevel.info
     assert formatEvent(event) == (
-        "ident 40000 , 1080 at 192.0.2.10: user user='alice' error=None after 2.5 s"
+        "ident 40000 , 1080 at 192.0.2.10: no-answer user=None"
+        " error='connection refused' after 2.5 s"
     )
     assert (event["client_port"], event["server_port"], event["host"]) == (
         CLIENT_PORT, SERVER_PORT, CLIENT_HOST)
     assert (event["outcome"], event["user_id"], event["error"], event["duration"]) == (
-        "user", "alice", None, 2.5)
+        "no-answer", None, "connection refused", 2.5)
+
+
+@pytest.mark.parametrize(
+    "reply, outcome",
+    [
+        (b"40000 , 1080 : USERID : UNIX : alice\r\n", IdentOutcome.USER),
+        (b"40000 , 1080 : ERROR : NO-USER\r\n", IdentOutcome.ERROR),
+    ],
+)
+def test_an_answer_is_not_an_event_of_its_own(
+    events: list[LogEvent], reply: bytes, outcome: IdentOutcome
+) -> None:
+    """All of it goes into the request's access record."""
+    identd = Identd()
+    identd.accept()
+    identd.send(reply)
+    assert identd.answer.outcome is outcome
+    assert events == []
 
 
 def test_a_cancelled_query_is_a_debug_event(events: list[LogEvent]) -> None:
