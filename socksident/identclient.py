@@ -234,12 +234,11 @@ class _IdentQuery:
             # debug events too), which was a tenth of an ident request's CPU.
             log.info(
                 "ident {client_port} , {server_port} at {host}: {outcome}"
-                " user={user_id!r} error={error!r} after {duration} s",
+                " ({error}) after {duration} s",
                 client_port=self._ports[0],
                 server_port=self._ports[1],
                 host=self._host,
                 outcome=answer.outcome.value,
-                user_id=answer.user_id,
                 error=answer.error,
                 duration=answer.duration,
             )

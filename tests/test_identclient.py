@@ -459,13 +459,12 @@ def test_no_answer_is_logged_with_its_fields_and_its_time(events: list[LogEvent]
     [event] = events
     assert event["log_level"] is LogLevel.info
     assert formatEvent(event) == (
-        "ident 40000 , 1080 at 192.0.2.10: no-answer user=None"
-        " error='connection refused' after 2.5 s"
+        "ident 40000 , 1080 at 192.0.2.10: no-answer (connection refused) after 2.5 s"
     )
     assert (event["client_port"], event["server_port"], event["host"]) == (
         CLIENT_PORT, SERVER_PORT, CLIENT_HOST)
-    assert (event["outcome"], event["user_id"], event["error"], event["duration"]) == (
-        "no-answer", None, "connection refused", 2.5)
+    assert (event["outcome"], event["error"], event["duration"]) == (
+        "no-answer", "connection refused", 2.5)
 
 
 @pytest.mark.parametrize(
