@@ -16,11 +16,11 @@ import copy
 import json
 from typing import Any
 
-from twisted.logger import LogLevel, eventAsJSON, eventFromJSON
+from twisted.logger import eventAsJSON, eventFromJSON
 from twisted.python import reflect
 from twisted.python.failure import Failure
 
-from socksident.accesslog import ACCESS_NAMESPACE, FIELDS
+from socksident.accesslog import ACCESS_NAMESPACE, FIELDS, access_event
 
 __all__ = ["event_from_line", "event_to_line"]
 
@@ -52,12 +52,6 @@ def event_from_line(text: str) -> dict[str, Any]:
     if not isinstance(compact, dict) or not isinstance(compact.get("f"), dict):
         raise ValueError("an access event without its fields")
     fields = compact["f"]
-    return {
-        **{name: fields.get(name) for name in FIELDS},
-        "summary": compact.get("s"),
-        "log_time": compact.get("t"),
-        "log_namespace": ACCESS_NAMESPACE,
-        "log_level": LogLevel.info,
-        "log_format": "{summary}",
-        "log_source": None,
-    }
+    return access_event(
+        {name: fields.get(name) for name in FIELDS}, compact.get("s"), compact.get("t")
+    )
